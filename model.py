@@ -1,0 +1,1008 @@
+"""DeepSeek-V3 in one file, bottom-up, to be read beside the technical report (arXiv 2412.19437).
+
+    ModelArgs ............ hyper-parameters and presets ("tiny", "small", "deepseek-v3")
+    RMSNorm, RoPE/YaRN ... §2.1.1, eq. 1-11 (decoupled RoPE), context extension §4.3
+    FP8 .................. §3.3: 1x128 activation tiles, 128x128 weight blocks, e4m3, fp32 accumulation
+    MLA .................. §2.1.1: Multi-head Latent Attention, expanded and absorbed forms
+    MLP, Gate, MoE ....... §2.1.2: DeepSeekMoE, sigmoid gating, group-limited routing, aux-loss-free bias
+    Block, MTP ........... §2.2: Multi-Token Prediction
+    Transformer .......... loss, KV cache, generation, MTP speculative decoding
+    checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 block-scaled safetensors)
+    accounting ........... parameters, FLOPs and KV-cache bytes without allocating (meta device)
+
+Shape letters: B batch, T query tokens, S cached keys, D model dim, H heads, C kv_lora_rank,
+R qk_rope_head_dim, E routed experts, K experts per token, N tokens (B*T), V vocabulary.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 260              # 256 bytes + 4 specials for our byte tokenizer
+    dim: int = 256
+    inter_dim: int = 768               # dense SwiGLU width (first n_dense_layers layers)
+    n_layers: int = 4
+    n_dense_layers: int = 1            # "first_k_dense_replace": V3 keeps 3 dense layers (§4.2)
+    n_heads: int = 4
+    norm_eps: float = 1e-6
+    max_seq_len: int = 1024
+    init_std: float = 0.006            # §4.2; presets scale it with 1/sqrt(dim) for toy widths
+    # mla (§2.1.1)
+    q_lora_rank: int = 128             # 0 = one plain wq projection (V2-Lite style)
+    kv_lora_rank: int = 64             # d_c: the latent that the cache keeps
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16         # d_h^R: the decoupled RoPE part, one key head shared by all
+    v_head_dim: int = 32
+    # moe (§2.1.2)
+    moe_inter_dim: int = 128           # width of one fine-grained expert
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    n_activated_experts: int = 4       # K_r in eq. 13
+    n_expert_groups: int = 4           # node-limited routing, simulated by groups (§2.1.2)
+    n_limited_groups: int = 2
+    score_func: str = "sigmoid"        # V3: sigmoid + bias; "softmax" = V2 family
+    route_scale: float = 2.5           # routed_scaling_factor
+    norm_topk_prob: bool = True
+    balance_alpha: float = 1e-4        # α of the sequence-wise balance loss, eq. 17-20
+    bias_update_speed: float = 1e-3    # γ of the aux-loss-free bias update (§2.1.2, §4.2)
+    # mtp (§2.2)
+    n_mtp: int = 1                     # D, MTP depth; V3 uses 1
+    # yarn (§4.3); rope_factor 1 = plain RoPE
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0
+    original_seq_len: int = 4096
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    # fp8 (§3.3)
+    fp8: bool = False                  # train with FP8 GEMMs (emulated off Hopper)
+    fp8_weights: bool = False          # keep Linear weights in FP8 with 128x128 scales (inference)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if type(v) is int and v < 0 or f.name in ("vocab_size", "dim", "n_layers", "n_heads",
+                                                       "max_seq_len", "kv_lora_rank", "v_head_dim",
+                                                       "qk_rope_head_dim") and v <= 0:
+                raise ValueError(f"ModelArgs.{f.name} must be positive, got {v}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError("qk_rope_head_dim must be even (RoPE rotates pairs of dims)")
+        if self.n_routed_experts:
+            if self.n_routed_experts % self.n_expert_groups:
+                raise ValueError("n_routed_experts must be divisible by n_expert_groups")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            if not (0 < self.n_activated_experts <= self.n_limited_groups * per_group
+                    and self.n_limited_groups <= self.n_expert_groups):
+                raise ValueError("need 0 < n_activated_experts <= n_limited_groups * experts per "
+                                 "group, and n_limited_groups <= n_expert_groups")
+        if self.score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+
+    @property
+    def qk_head_dim(self):
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self):
+        return (self.n_layers - self.n_dense_layers + self.n_mtp) if self.n_routed_experts else 0
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf_config(cls, c):
+        """Read a published config.json (DeepSeek-V3, or the V2 family with softmax scoring)."""
+        if c.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"unsupported model_type {c.get('model_type')!r}; "
+                             "expected 'deepseek_v3' (or 'deepseek_v2')")
+        rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+        yarn = rs.get("type", rs.get("rope_type")) == "yarn"
+        n_routed = c.get("n_routed_experts") or 0
+        n_layers = c["num_hidden_layers"]
+        return cls(
+            vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
+            n_layers=n_layers, n_heads=c["num_attention_heads"],
+            n_dense_layers=c.get("first_k_dense_replace", 0) if n_routed else n_layers,
+            norm_eps=c.get("rms_norm_eps", 1e-6),
+            max_seq_len=c.get("max_position_embeddings", 4096),
+            q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
+            qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
+            v_head_dim=c["v_head_dim"], moe_inter_dim=c.get("moe_intermediate_size") or 0,
+            n_routed_experts=n_routed, n_shared_experts=c.get("n_shared_experts") or 0,
+            n_activated_experts=c.get("num_experts_per_tok") or 0,
+            n_expert_groups=c.get("n_group") or 1, n_limited_groups=c.get("topk_group") or 1,
+            score_func=c.get("scoring_func", "softmax"),
+            route_scale=c.get("routed_scaling_factor", 1.0),
+            norm_topk_prob=c.get("norm_topk_prob", False),
+            balance_alpha=c.get("aux_loss_alpha", 1e-4),
+            bias_update_speed=c.get("bias_update_speed", 1e-3),
+            n_mtp=c.get("num_nextn_predict_layers", 0),
+            rope_theta=c.get("rope_theta", rs.get("rope_theta", 10000.0)),
+            rope_factor=rs.get("factor", 1.0) if yarn else 1.0,
+            original_seq_len=rs.get("original_max_position_embeddings", 4096),
+            beta_fast=rs.get("beta_fast", 32), beta_slow=rs.get("beta_slow", 1),
+            mscale=rs.get("mscale", 1.0), mscale_all_dim=rs.get("mscale_all_dim", 1.0),
+            init_std=c.get("initializer_range", 0.006))
+
+    def to_hf_config(self):
+        c = dict(
+            architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+            vocab_size=self.vocab_size, hidden_size=self.dim, intermediate_size=self.inter_dim,
+            moe_intermediate_size=self.moe_inter_dim, num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads, num_key_value_heads=self.n_heads,
+            n_routed_experts=self.n_routed_experts, n_shared_experts=self.n_shared_experts,
+            num_experts_per_tok=self.n_activated_experts, n_group=self.n_expert_groups,
+            topk_group=self.n_limited_groups, routed_scaling_factor=self.route_scale,
+            norm_topk_prob=self.norm_topk_prob, scoring_func=self.score_func,
+            topk_method="noaux_tc" if self.score_func == "sigmoid" else "group_limited_greedy",
+            first_k_dense_replace=self.n_dense_layers, q_lora_rank=self.q_lora_rank or None,
+            kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
+            rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_seq_len, num_nextn_predict_layers=self.n_mtp,
+            hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
+            rope_interleave=True, initializer_range=self.init_std,
+            aux_loss_alpha=self.balance_alpha, bias_update_speed=self.bias_update_speed,
+            rope_scaling=None if self.rope_factor <= 1 else dict(
+                type="yarn", factor=self.rope_factor,
+                original_max_position_embeddings=self.original_seq_len,
+                beta_fast=self.beta_fast, beta_slow=self.beta_slow,
+                mscale=self.mscale, mscale_all_dim=self.mscale_all_dim))
+        if self.fp8_weights:
+            c["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                            weight_block_size=[FP8_BLOCK, FP8_BLOCK])
+        return c
+
+
+PRESETS = {
+    # ~7M parameters (3M active): trains on a 2-core laptop CPU in minutes. init_std is the
+    # paper's 0.006 scaled by sqrt(7168 / 256), keeping the initial activation scale of V3.
+    "tiny": dict(init_std=0.006 * math.sqrt(7168 / 256), max_seq_len=1024),
+    # ~0.4B parameters (~0.1B active): one GPU.
+    "small": dict(dim=1024, inter_dim=2816, n_layers=12, n_heads=16, q_lora_rank=384,
+                  kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                  moe_inter_dim=384, n_routed_experts=32, n_activated_experts=6,
+                  n_expert_groups=4, n_limited_groups=2, max_seq_len=2048,
+                  init_std=0.006 * math.sqrt(7168 / 1024)),
+    # The published 671B configuration (DeepSeek-V3 config.json); shapes and accounting only.
+    "deepseek-v3": dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,
+                        n_layers=61, n_dense_layers=3, n_heads=128, q_lora_rank=1536,
+                        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
+                        n_activated_experts=8, n_expert_groups=8, n_limited_groups=4,
+                        route_scale=2.5, max_seq_len=163840, rope_theta=10000.0, rope_factor=40,
+                        original_seq_len=4096, beta_fast=32, beta_slow=1, mscale=1.0,
+                        mscale_all_dim=1.0, init_std=0.006),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm and rotary embeddings
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+
+
+def yarn_mscale(factor, mscale=1.0):
+    """YaRN attention temperature m (§4.3 cites Peng et al.): 0.1 * mscale * ln(factor) + 1."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def precompute_freqs_cis(args):
+    """Complex rotations e^{i * pos * freq} for the qk_rope_head_dim / 2 pairs: (max_seq_len, R/2).
+
+    With YaRN (rope_factor > 1) the frequencies that turn fewer than beta_slow times over the
+    original context are interpolated (divided by the factor), those that turn more than
+    beta_fast times are kept, and a linear ramp blends the band between.
+    """
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    freqs = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if args.rope_factor > 1:
+        def pair_index(turns):  # the pair whose wavelength fits `turns` times in the context
+            return dim * math.log(args.original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(pair_index(args.beta_fast)), 0)
+        high = min(math.ceil(pair_index(args.beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
+    m = yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(args.rope_factor, args.mscale_all_dim)
+    return torch.polar(torch.full_like(angles, m), angles).to(torch.complex64)
+
+
+def apply_rope(x, freqs_cis):
+    """Rotate (B, T, H, R) by freqs (T, R/2) or (B, T, R/2); dims (2i, 2i+1) form one pair, the
+    interleaved layout of the published weights (not the half-split layout of Llama in HF)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))       # (B, T, H, R/2)
+    freqs = freqs_cis.view(-1, x.size(1), 1, xc.size(-1))               # (B|1, T, 1, R/2)
+    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 (§3.3, Figures 6-7): e4m3 values with one float32 scale per tile, fp32 accumulation
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0                       # largest finite e4m3 value
+FP8_BLOCK = 128                       # N_C = 128: 1x128 activation tiles, 128x128 weight blocks
+
+
+def fp8_quantize(x, block=(1, FP8_BLOCK), pow2=False):
+    """Quantize the last two dims (M, K) of x in (bm, bk) tiles -> (q e4m3 (..., M, K),
+    scale float32 (..., ceil(M/bm), ceil(K/bk))), x ~= q * scale. Edge tiles are partial; an
+    all-zero tile gets a tiny scale, not a division by zero. pow2 rounds scales up to powers
+    of two (the ue8m0 format of later DeepSeek releases)."""
+    *batch, M, K = x.shape
+    bm, bk = block
+    xp = F.pad(x.float(), (0, -K % bk, 0, -M % bm))
+    tiles = xp.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bm))           # (..., Mb, bm, Kb, bk)
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX    # (..., Mb, Kb)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (tiles / scale[..., :, None, :, None]).to(FP8_DTYPE)
+    return q.flatten(-4, -3).flatten(-2)[..., :M, :K], scale
+
+
+def fp8_dequantize(q, scale, block=(FP8_BLOCK, FP8_BLOCK), dtype=torch.float32):
+    M, K = q.shape[-2:]
+    s = scale.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :M, :K]
+    return (q.to(torch.float32) * s).to(dtype)
+
+
+def fp8_real_available(device):
+    """Hardware FP8 with block scales: Hopper (compute capability >= 9.0) and torch's scaled_mm."""
+    return (torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+            and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"))
+
+
+def fp8_gemm(a, a_block, b, b_block, out_dtype=torch.float32):
+    """a @ b^T with a (M, K) and b (N, K) quantized in tiles along the contraction dim K: (1, 128)
+    for activations and gradients, (128, 128) for weights. Real e4m3 tensor-core GEMM on Hopper,
+    elsewhere an exact emulation: quantize -> dequantize -> float32 matmul, the same numbers the
+    hardware multiplies, with float32 accumulation."""
+    qa, sa = fp8_quantize(a, a_block)
+    qb, sb = fp8_quantize(b, b_block)
+    if a.dim() == 2 and fp8_real_available(a.device):
+        kind = {(1, FP8_BLOCK): F.ScalingType.BlockWise1x128,
+                (FP8_BLOCK, FP8_BLOCK): F.ScalingType.BlockWise128x128}
+        # cuBLAS wants 1x128 scales M-major (transposed-contiguous); out_dtype bf16 is required.
+        prep = lambda s, blk: s.t().contiguous().t() if blk[0] == 1 else s.contiguous()
+        y = F.scaled_mm(qa, qb.t(), prep(sa, a_block), kind[a_block], prep(sb, b_block),
+                        kind[b_block], output_dtype=torch.bfloat16)
+        return y.to(out_dtype)
+    return fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT
+
+
+class FP8Matmul(torch.autograd.Function):
+    """y = x @ w^T with all three training GEMMs on FP8 inputs (Figure 6):
+    Fprop  y  = Q(x; 1x128)   @ Q(w; 128x128)^T
+    Dgrad  dx = Q(dy; 1x128)  @ Q(w^T; 128x128)^T
+    Wgrad  dw = Q(dy^T; 1x128) @ Q(x^T; 1x128)^T   (x and dy tiled 128x1 along tokens)
+    x (..., M, K), w (..., N, K); batch dims allow the stacked experts. Master weights and
+    gradients stay in their own (higher) precision."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return fp8_gemm(x, (1, FP8_BLOCK), w, (FP8_BLOCK, FP8_BLOCK)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = fp8_gemm(dy, (1, FP8_BLOCK), w.mT, (FP8_BLOCK, FP8_BLOCK)).to(x.dtype)
+        dw = fp8_gemm(dy.mT, (1, FP8_BLOCK), x.mT, (1, FP8_BLOCK)).to(w.dtype)
+        return dx, dw
+
+
+def expert_matmul(x, w, scale=None, fp8=False):
+    """x (..., M, K) @ w (..., N, K)^T for high-precision, FP8-stored, or FP8-trained weights."""
+    if w.dtype == FP8_DTYPE:
+        return x @ fp8_dequantize(w, scale, dtype=x.dtype).mT
+    if fp8:
+        return FP8Matmul.apply(x, w)
+    return x @ w.mT
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias. The weight is high precision, or FP8 with one scale per 128x128
+    block (`scale`, the published `weight_scale_inv`, is a multiplier despite its name)."""
+
+    def __init__(self, in_features, out_features, fp8=False, fp8_weights=False):
+        super().__init__()
+        self.fp8 = fp8
+        self.weight = nn.Parameter(torch.empty(out_features, in_features,
+                                               dtype=FP8_DTYPE if fp8_weights else None),
+                                   requires_grad=not fp8_weights)
+        self.scale = nn.Parameter(torch.ones(math.ceil(out_features / FP8_BLOCK),
+                                             math.ceil(in_features / FP8_BLOCK)),
+                                  requires_grad=False) if fp8_weights else None
+
+    def dequantized_weight(self, dtype=None):
+        if self.weight.dtype == FP8_DTYPE:
+            return fp8_dequantize(self.weight, self.scale, dtype=dtype or torch.bfloat16)
+        return self.weight
+
+    def forward(self, x):
+        if self.weight.dtype == FP8_DTYPE:
+            if fp8_real_available(x.device):  # FP8 inference: activations quantized per 1x128
+                return fp8_gemm(x.flatten(0, -2), (1, FP8_BLOCK), self.weight, None, x.dtype)
+            return F.linear(x, self.dequantized_weight(x.dtype))
+        if self.fp8 and torch.is_grad_enabled():
+            return FP8Matmul.apply(x.flatten(0, -2), self.weight).unflatten(0, x.shape[:-1])
+        return F.linear(x, self.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-head Latent Attention (§2.1.1, eq. 1-11)
+
+class MLA(nn.Module):
+    """Queries go through a low-rank bottleneck (q_lora_rank); keys and values share one
+    compressed latent c_KV of kv_lora_rank dims, plus one RoPE key head k^R shared by all heads.
+
+    Expanded form (training, prefill): up-project the latent to per-head k_nope and v, then
+    ordinary causal attention. Absorbed form (decoding): since q_nope . (W_UK c) = (W_UK^T q_nope) . c,
+    fold W_UK into the query and W_UV into the output, and attend directly over the cached
+    latents. The cache then holds only c_KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per
+    token and layer (576 for V3, versus 2 * 128 * 128 = 32768 for plain multi-head attention).
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        H, lin = args.n_heads, lambda i, o: Linear(i, o, args.fp8, args.fp8_weights)
+        if args.q_lora_rank:
+            self.wq_a = lin(args.dim, args.q_lora_rank)
+            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+            self.wq_b = lin(args.q_lora_rank, H * args.qk_head_dim)
+        else:
+            self.wq = lin(args.dim, H * args.qk_head_dim)
+        self.wkv_a = lin(args.dim, args.kv_lora_rank + args.qk_rope_head_dim)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps)
+        self.wkv_b = lin(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim))
+        self.wo = lin(H * args.v_head_dim, args.dim)
+        # YaRN scales the logits by m^2 (m = mscale_all_dim temperature) on top of 1/sqrt(d)
+        self.softmax_scale = args.qk_head_dim ** -0.5 * yarn_mscale(args.rope_factor,
+                                                                    args.mscale_all_dim) ** 2
+        self.kv_cache = self.pe_cache = None
+
+    def forward(self, x, freqs_cis, pos=None, kv_len=None):
+        """x (B, T, D). pos None: training, causal over x. pos (B, T): absolute positions whose
+        latents are written to the cache; keys [0, kv_len) of the cache are attended."""
+        a, (B, T, _) = self.args, x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if a.q_lora_rank else self.wq(x)
+        q = rearrange(q, "b t (h d) -> b t h d", h=a.n_heads)              # (B, T, H, qk_head_dim)
+        q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, freqs_cis)
+        kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)                                                # (B, T, C)
+        k_pe = apply_rope(k_pe.unsqueeze(2), freqs_cis)                      # (B, T, 1, R)
+        if pos is not None:
+            rows = torch.arange(B, device=x.device)[:, None]
+            self.kv_cache[rows, pos] = kv.to(self.kv_cache.dtype)
+            self.pe_cache[rows, pos] = k_pe.squeeze(2).to(self.pe_cache.dtype)
+        if pos is None or kv_len == T:                                       # training or prefill
+            return self.wo(self._expanded(q_nope, q_pe, kv, k_pe).flatten(2))
+        return self.wo(self._absorbed(q_nope, q_pe, pos, kv_len).flatten(2))
+
+    def _expanded(self, q_nope, q_pe, kv, k_pe):
+        a = self.args
+        kv = rearrange(self.wkv_b(kv), "b t (h d) -> b t h d", h=a.n_heads)
+        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)    # (B, T, H, *)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, a.n_heads, -1)], dim=-1)  # (B, T, H, qk_head_dim)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=self.softmax_scale)
+        return o.transpose(1, 2)                                             # (B, T, H, v_head_dim)
+
+    def _absorbed(self, q_nope, q_pe, pos, kv_len):
+        a = self.args
+        wkv_b = self.wkv_b.dequantized_weight(q_nope.dtype)
+        wkv_b = rearrange(wkv_b, "(h d) c -> h d c", h=a.n_heads)          # (H, nope + v, C)
+        w_uk, w_uv = wkv_b.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
+        kv, pe = self.kv_cache[:pos.size(0), :kv_len], self.pe_cache[:pos.size(0), :kv_len]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)               # (B, T, H, C)
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat, kv.to(q_lat.dtype))
+                  + torch.einsum("bthr,bsr->bhts", q_pe, pe.to(q_pe.dtype))) * self.softmax_scale
+        visible = torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        probs = scores.float().masked_fill(~visible, float("-inf")).softmax(-1).type_as(q_lat)
+        o = torch.einsum("bhts,bsc->bthc", probs, kv.to(probs.dtype))      # (B, T, H, C)
+        return torch.einsum("bthc,hdc->bthd", o, w_uv)                      # (B, T, H, v_head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeekMoE (§2.1.2, eq. 12-20)
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense layers and the shared experts."""
+
+    def __init__(self, args, dim, inter_dim):
+        super().__init__()
+        lin = lambda i, o: Linear(i, o, args.fp8, args.fp8_weights)
+        self.w1, self.w2, self.w3 = lin(dim, inter_dim), lin(inter_dim, dim), lin(dim, inter_dim)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router (eq. 13-16). Affinity s = sigmoid(u W^T) in float32. A per-expert bias b (a buffer,
+    not trained by gradient) is added for the top-k *selection* only; the gating weights come
+    from the unbiased s, normalised over the chosen experts and scaled by route_scale. So the
+    bias steers load without distorting the mixture the model learns.
+
+    Group-limited routing: experts form n_expert_groups groups (one node each in V3); a group
+    scores the sum of its two best biased affinities, only the top n_limited_groups groups stay
+    eligible. Masked experts get -inf, not 0: a biased score can be negative, and 0 would then
+    beat it and pick an expert from a dropped group."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        if args.score_func == "sigmoid":
+            self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    def forward(self, x):
+        """x (N, D) -> weights (N, K) float32, indices (N, K), affinities s (N, E) float32."""
+        a = self.args
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())                 # (N, E)
+        s = logits.sigmoid() if a.score_func == "sigmoid" else logits.softmax(-1)
+        biased = s if self.bias is None else s + self.bias
+        if a.n_expert_groups > 1:
+            groups = biased.unflatten(-1, (a.n_expert_groups, -1))            # (N, G, E/G)
+            group_score = (groups.topk(2, dim=-1).values.sum(-1) if self.bias is not None
+                           else groups.amax(-1))                              # V2: best expert
+            keep = group_score.topk(a.n_limited_groups, dim=-1).indices      # (N, n_limited)
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            biased = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = biased.topk(a.n_activated_experts, dim=-1).indices             # (N, K)
+        w = s.gather(1, idx)
+        if a.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        return w * a.route_scale, idx, s
+
+    @torch.no_grad()
+    def update_bias(self, load, gamma):
+        """Aux-loss-free balancing (§2.1.2): after each step, b_i -= γ for overloaded experts and
+        b_i += γ for underloaded ones (the sign of mean load minus expert load)."""
+        self.bias += gamma * torch.sign(load.mean() - load)
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLU weights stacked: w1, w3 (E, I, D), w2 (E, D, I). Tokens are
+    sorted by expert and multiplied in one grouped GEMM per projection, never a loop over experts."""
+
+    def __init__(self, args):
+        super().__init__()
+        E, D, I = args.n_routed_experts, args.dim, args.moe_inter_dim
+        self.fp8 = args.fp8
+        dt = FP8_DTYPE if args.fp8_weights else None
+        for name, shape in (("w1", (E, I, D)), ("w2", (E, D, I)), ("w3", (E, I, D))):
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dt),
+                                                        requires_grad=dt is None))
+            self.register_parameter(name + "_scale", nn.Parameter(torch.ones(
+                E, math.ceil(shape[1] / FP8_BLOCK), math.ceil(shape[2] / FP8_BLOCK)),
+                requires_grad=False) if dt else None)
+
+    def forward(self, x, weights, idx):
+        """x (N, D), weights/idx (N, K) -> sum_k weights[:, k] * expert_{idx[:, k]}(x): (N, D)."""
+        N, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)                # (N*K,) assignments grouped by expert
+        counts = flat.bincount(minlength=self.w1.size(0))
+        xs = x[order // K]                               # (N*K, D) token copies, sorted
+        if x.is_cuda and not self.fp8 and self.w1.dtype != FP8_DTYPE:
+            ys = self._grouped(xs, counts)
+        else:
+            ys = self._padded(xs, flat[order], counts)
+        ys = ys[order.argsort()].view(N, K, -1)          # back to (token, k) order
+        return torch.einsum("nk,nkd->nd", weights.type_as(ys), ys)
+
+    def _grouped(self, xs, counts):
+        """torch's grouped GEMM (CUDA): one kernel over variable-sized expert segments."""
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.silu(F.grouped_mm(xs, self.w1.mT, offs=offs)) * F.grouped_mm(xs, self.w3.mT, offs=offs)
+        return F.grouped_mm(h, self.w2.mT, offs=offs)
+
+    def _padded(self, xs, expert, counts):
+        """Fallback (CPU, FP8): scatter into an (E, capacity, D) buffer, batched matmuls, gather.
+        Faster than grouped_mm on CPU; padding costs E * max(count) - N*K rows."""
+        start = counts.cumsum(0) - counts
+        slot = torch.arange(xs.size(0), device=xs.device) - start[expert]   # rank within expert
+        buf = xs.new_zeros(counts.size(0), int(counts.max()), xs.size(1))   # (E, cap, D)
+        buf[expert, slot] = xs
+        mm = lambda t, name: expert_matmul(t, getattr(self, name), getattr(self, name + "_scale"),
+                                           self.fp8 and torch.is_grad_enabled())
+        h = F.silu(mm(buf, "w1")) * mm(buf, "w3")                          # (E, cap, I)
+        return mm(h, "w2")[expert, slot]                                    # (N*K, D)
+
+
+class MoE(nn.Module):
+    """h = x + sum_i g_i FFN_i^routed(x) + FFN^shared(x) (eq. 12). In training it also counts
+    the tokens per expert (`load`, summed until the next bias update) and computes the
+    complementary sequence-wise balance loss (eq. 17-20) into `balance_loss`."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.gate = Gate(args)
+        self.experts = Experts(args)
+        self.shared_experts = MLP(args, args.dim, args.n_shared_experts * args.moe_inter_dim) \
+            if args.n_shared_experts else None
+        self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
+        self.balance_loss = None
+
+    def forward(self, x):
+        a, (B, T, D) = self.args, x.shape
+        flat = x.reshape(-1, D)
+        weights, idx, s = self.gate(flat)
+        y = self.experts(flat, weights, idx).type_as(x)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if self.training:
+            with torch.no_grad():
+                self.load += idx.flatten().bincount(minlength=a.n_routed_experts)
+            # f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of s normalised
+            chosen = torch.zeros(B, a.n_routed_experts, device=x.device)
+            chosen.scatter_add_(1, idx.view(B, -1), torch.ones(B, T * idx.size(1), device=x.device))
+            f = chosen * a.n_routed_experts / (a.n_activated_experts * T)             # (B, E)
+            P = (s / s.sum(-1, keepdim=True)).view(B, T, -1).mean(1)                 # (B, E)
+            self.balance_loss = a.balance_alpha * (f * P).sum(-1).mean()
+        return y.view(B, T, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block, Multi-Token Prediction (§2.2)
+
+class Block(nn.Module):
+    def __init__(self, layer_id, args):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
+        self.attn = MLA(args)
+        self.ffn = MLP(args, args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+
+    def forward(self, x, freqs_cis, pos=None, kv_len=None):
+        x = x + self.attn(self.attn_norm(x), freqs_cis, pos, kv_len)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPModule(nn.Module):
+    """Depth-k MTP module (eq. 21-23): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))], then
+    one Transformer block, then the shared output head predicts t_{i+k+1}. The embedding and
+    head are the main model's (shared); `norm` is the published `shared_head.norm`."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.enorm, self.hnorm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = Linear(2 * args.dim, args.dim, args.fp8, args.fp8_weights)
+        self.block = Block(args.n_layers, args)  # a MoE block when the model has experts
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h_prev, emb_next, freqs_cis, pos=None, kv_len=None):
+        """h_prev (B, T, D) from depth k-1 (normalised), emb_next = Emb(t_{i+k}) (B, T, D)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return self.norm(self.block(h, freqs_cis, pos, kv_len))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)  # kept high precision
+        self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.n_mtp))
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """N(0, init_std) for every matrix (§4.2), ones for norms, zero routing bias."""
+        for name, p in self.named_parameters():
+            if name.endswith("_scale") or name.endswith(".scale") or p.dtype == FP8_DTYPE:
+                continue
+            nn.init.ones_(p) if p.dim() == 1 else nn.init.normal_(p, std=self.args.init_std)
+        for m in self.moe_layers():
+            if m.gate.bias is not None:
+                m.gate.bias.zero_()
+            m.load.zero_()
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def trunk(self, tokens, pos=None, kv_len=None):
+        """tokens (B, T) -> final normalised hidden states (B, T, D)."""
+        freqs = self.freqs_cis[:tokens.size(1)] if pos is None else self.freqs_cis[pos]
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs, pos, kv_len)
+        return self.norm(h)
+
+    def forward(self, tokens, targets=None, mtp_weight=0.3):
+        """Logits (B, T, V) for every position. With targets (B, T) = next tokens (-1 ignored)
+        also a dict of losses: "loss" = ce + mtp_weight * mtp + balance, where mtp is the mean
+        over depths k of the cross-entropy for t_{i+k+1} (λ/D sum_k L_MTP^k, eq. 25)."""
+        h = self.trunk(tokens)
+        logits = self.head(h)
+        if targets is None:
+            return logits
+        ce = lambda lg, tg: F.cross_entropy(lg.float().flatten(0, 1), tg.flatten(), ignore_index=-1)
+        losses = {"ce": ce(logits, targets)}
+        mtp, T = [], tokens.size(1)
+        for k, module in enumerate(self.mtp, start=1):
+            if T <= k:
+                break
+            # position i (< T-k) combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}
+            h = module(h[:, :-1], self.embed(tokens[:, k:]), self.freqs_cis[:T - k])
+            mtp.append(ce(self.head(h), targets[:, k:]))
+        losses["mtp"] = torch.stack(mtp).mean() if mtp else logits.new_zeros((), dtype=torch.float32)
+        bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None and self.training]
+        losses["balance"] = torch.stack(bal).sum() if bal else torch.zeros_like(losses["mtp"])
+        losses["loss"] = losses["ce"] + mtp_weight * losses["mtp"] + losses["balance"]
+        return logits, losses
+
+    def expert_loads(self):
+        """(n_moe_layers, E): tokens routed to each expert since the last update_bias."""
+        return torch.stack([m.load for m in self.moe_layers()])
+
+    @torch.no_grad()
+    def update_bias(self, gamma):
+        """Apply the sign rule to every MoE layer's gate with the loads counted over the whole
+        optimizer step, reset the counts, and return MaxVio = max load / mean load - 1 per layer."""
+        maxvio = []
+        for m in self.moe_layers():
+            maxvio.append(m.load.max() / m.load.mean().clamp(min=1) - 1)
+            if gamma and m.gate.bias is not None:
+                m.gate.update_bias(m.load, gamma)
+            m.load.zero_()
+        return torch.stack(maxvio) if maxvio else torch.zeros(0)
+
+    # ------------------------------------------------------------------------------------------
+    # Generation: static KV cache, absorbed attention, MTP speculative decoding
+
+    def setup_cache(self, batch_size, max_len):
+        a, p = self.args, self.embed.weight
+        dtype = p.dtype
+        for m in self.modules():
+            if isinstance(m, MLA) and (m.kv_cache is None or m.kv_cache.size(0) < batch_size
+                                       or m.kv_cache.size(1) < max_len or m.kv_cache.dtype != dtype):
+                m.kv_cache = torch.zeros(batch_size, max_len, a.kv_lora_rank, device=p.device, dtype=dtype)
+                m.pe_cache = torch.zeros(batch_size, max_len, a.qk_rope_head_dim, device=p.device, dtype=dtype)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                 speculative=False, callback=None, stats=None):
+        """Append max_new_tokens to tokens (B, T0) -> (B, T0 + max_new_tokens). The prompt goes
+        through in one forward (expanded attention, filling the cache), then each step feeds only
+        the new token(s) through the absorbed path. speculative=True drafts with the first MTP
+        module and verifies in the main model; greedy output is unchanged and sampled output
+        keeps the main model's distribution (rejection sampling). callback(out, lengths) is
+        called after each step with the buffer and the per-row number of valid tokens."""
+        B, T0 = tokens.shape
+        total = T0 + max_new_tokens
+        if max_new_tokens <= 0:
+            raise ValueError("max_new_tokens must be positive")
+        if total + 1 > self.args.max_seq_len:
+            raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) exceed the context "
+                             f"of {self.args.max_seq_len}; shorten the prompt or generate fewer")
+        if speculative and not len(self.mtp):
+            raise ValueError("speculative decoding needs an MTP module (n_mtp >= 1)")
+        self.setup_cache(B, total + 1)
+        out = torch.zeros(B, total + 2, dtype=torch.long, device=tokens.device)
+        out[:, :T0] = tokens
+        pos = torch.arange(T0, device=tokens.device).expand(B, T0)
+        h = self.trunk(tokens, pos, T0)
+        pick = lambda logits: sample(logits, temperature, top_p, top_k)
+        out[:, T0] = pick(self.head(h[:, -1]))
+        n = torch.full((B,), T0 + 1, device=tokens.device)  # tokens known per row
+        if callback:
+            callback(out[:, :total], n)
+        if not speculative:
+            for t in range(T0 + 1, total):
+                p = torch.full((B, 1), t - 1, device=tokens.device)
+                out[:, t] = pick(self.head(self.trunk(out[:, t - 1:t], p, t)[:, -1]))
+                if callback:
+                    callback(out[:, :total], n.fill_(t + 1))
+            return out[:, :total]
+
+        # MTP prefill: position i pairs the main hidden state h_i with Emb(t_{i+1}) -> draft t_{i+2}
+        mtp_logits = self.head(self.mtp[0](h, self.embed(out[:, 1:T0 + 1]), self.freqs_cis[pos], pos, T0))
+        q = probs(mtp_logits[:, -1], temperature, top_p, top_k)
+        draft = pick(mtp_logits[:, -1])
+        rows, steps = torch.arange(B, device=tokens.device), torch.arange(2, device=tokens.device)
+        while int(n.min()) < total:
+            active = n < total
+            pos = (n - 1)[:, None] + steps                                  # (B, 2)
+            inp = torch.stack([out[rows, n - 1], draft], dim=1)
+            kv_len = int(n.max()) + 1
+            h = self.trunk(inp, pos, kv_len)
+            logits = self.head(h)                                           # (B, 2, V)
+            if temperature == 0:
+                target = logits[:, 0].argmax(-1)
+                accept = target == draft
+            else:  # accept d with prob min(1, p(d)/q(d)), else resample from max(p - q, 0)
+                p0 = probs(logits[:, 0], temperature, top_p, top_k)
+                ratio = p0.gather(1, draft[:, None]) / q.gather(1, draft[:, None])
+                accept = torch.rand_like(ratio[:, 0]) < ratio[:, 0]
+                residual = (p0 - q).clamp(min=0)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)
+                target = torch.multinomial(residual, 1)[:, 0]
+            tok0 = torch.where(accept, draft, target)
+            tok1 = pick(logits[:, 1])
+            accept &= active
+            out[rows, torch.where(active, n, total + 1)] = tok0
+            out[rows, torch.where(accept, n + 1, total + 1)] = tok1
+            # MTP over both positions; keep the draft made at the last accepted one
+            mtp_logits = self.head(self.mtp[0](h, self.embed(torch.stack([tok0, tok1], 1)),
+                                               self.freqs_cis[pos], pos, kv_len))
+            last = mtp_logits[rows, accept.long()]
+            q, draft = probs(last, temperature, top_p, top_k), pick(last)
+            if stats is not None:
+                stats["drafted"] = stats.get("drafted", 0) + int(active.sum())
+                stats["accepted"] = stats.get("accepted", 0) + int(accept.sum())
+            n = torch.where(active, n + 1 + accept.long(), n).clamp(max=total)
+            if callback:
+                callback(out[:, :total], n)
+        return out[:, :total]
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints in the published Hugging Face layout
+
+    def hf_state_dict(self):
+        """Our state dict under the published names; stacked experts split per expert, and each
+        MTP layer given its copies of the shared embedding and head, as the published files do."""
+        out = {}
+        for name, t in self.state_dict().items():
+            hf = hf_name(name, self.args.n_layers)
+            if "{j}" in hf:
+                out.update({hf.format(j=j): t[j].clone() for j in range(t.size(0))})
+            else:
+                out[hf] = t.detach().clone()
+        for k in range(len(self.mtp)):
+            prefix = f"model.layers.{self.args.n_layers + k}."
+            out[prefix + "embed_tokens.weight"] = self.embed.weight.detach().clone()
+            out[prefix + "shared_head.head.weight"] = self.head.weight.detach().clone()
+        return out
+
+    def save_pretrained(self, path, max_shard_bytes=4 << 30):
+        """Write config.json and safetensors (sharded with an index past max_shard_bytes). Every
+        file goes to a temporary name first and is renamed, so a kill never leaves a torn file."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = self.hf_state_dict()
+        shards, size = [{}], 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name], size = t.contiguous(), size + nbytes
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for fname, shard in zip(names, shards):
+            _atomic_write(path / fname, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
+            _atomic_write(path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        cfg = {**self.args.to_hf_config(), "torch_dtype": str(self.embed.weight.dtype).split(".")[-1]}
+        _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32):
+        """Load a published-layout folder. FP8 weights are dequantized to `dtype`, or kept FP8
+        (with bfloat16 compute) when dtype is torch.float8_e4m3fn. MTP layers load when present."""
+        from safetensors import safe_open
+        from tqdm import tqdm
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint folder {path} not found; train one with "
+                                  "`python train.py` or pass the folder of a published checkpoint")
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+            args = ModelArgs.from_hf_config(cfg)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = [f.name for f in sorted(path.glob("*.safetensors"))]
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {path}")
+        where = {}  # published tensor name -> file
+        try:
+            for f in files:
+                with safe_open(path / f, "pt") as fh:
+                    where.update(dict.fromkeys(fh.keys(), f))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {path / f}: {e}") from None
+        if args.n_mtp and not any(k.startswith(f"model.layers.{args.n_layers}.") for k in where):
+            args = replace(args, n_mtp=0)  # e.g. saved by a tool that drops the MTP layers
+        keep_fp8 = dtype == FP8_DTYPE
+        args = replace(args, fp8_weights=keep_fp8)
+        compute = torch.bfloat16 if keep_fp8 else dtype
+        with torch.device("meta"):
+            model = cls(args)
+        model.to_empty(device=device)
+        for name, p in model.named_parameters():
+            if p.dtype != FP8_DTYPE and not name.endswith("scale"):
+                p.data = p.data.to(compute)  # the routing bias (a buffer) stays float32
+        # every destination: published name -> (tensor to fill, expert index or None)
+        targets = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.endswith("_scale") or name.endswith(".scale"):
+                continue  # filled together with their weight
+            hf = hf_name(name, args.n_layers)
+            for j in (range(t.size(0)) if "{j}" in hf else [None]):
+                targets[hf.format(j=j) if j is not None else hf] = (name, t, j)
+        handles = {}
+        try:
+            for f in tqdm(files, desc="loading", unit="shard", disable=len(files) < 2):
+                handles[f] = safe_open(path / f, "pt", device=str(device))
+                for key in handles[f].keys():
+                    if key not in targets:
+                        continue
+                    name, dest, j = targets.pop(key)
+                    t = handles[f].get_tensor(key)
+                    scale_key = key.replace(".weight", ".weight_scale_inv")
+                    if t.dtype == FP8_DTYPE and not keep_fp8:
+                        if scale_key not in where:
+                            raise CheckpointError(f"{key} is FP8 but {scale_key} is missing")
+                        sf = where[scale_key]
+                        handles.setdefault(sf, safe_open(path / sf, "pt", device=str(device)))
+                        t = fp8_dequantize(t, handles[sf].get_tensor(scale_key))
+                    want = dest.shape[1:] if j is not None else dest.shape
+                    if t.shape != want:
+                        raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)}, "
+                                              f"found {tuple(t.shape)}")
+                    with torch.no_grad():
+                        (dest[j] if j is not None else dest).copy_(t)
+                        if dest.dtype == FP8_DTYPE:  # keep FP8: bring the block scales along
+                            if scale_key not in where:
+                                raise CheckpointError(f"{key} is FP8 but {scale_key} is missing")
+                            sdest = model.get_parameter(name + "_scale" if j is not None else
+                                                        name.replace(".weight", ".scale"))
+                            sf = where[scale_key]
+                            handles.setdefault(sf, safe_open(path / sf, "pt", device=str(device)))
+                            (sdest[j] if j is not None else sdest).copy_(handles[sf].get_tensor(scale_key))
+        finally:
+            handles.clear()
+        missing = [k for k in targets if not k.endswith("e_score_correction_bias") or args.score_func == "sigmoid"]
+        if missing:
+            raise CheckpointError(f"missing tensor {missing[0]} in {path} ({len(missing)} missing in all)")
+        model.freqs_cis = precompute_freqs_cis(args).to(device)
+        for m in model.moe_layers():
+            m.load = torch.zeros_like(m.load)
+        return model.eval()
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def _atomic_write(dest, write):
+    tmp = f"{dest}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, dest)
+
+
+_HF_RULES = [  # (our name pattern, published name), applied in order
+    (r"^embed\.", "model.embed_tokens."), (r"^norm\.", "model.norm."), (r"^head\.", "lm_head."),
+    (r"^layers\.", "model.layers."), (r"\.attn_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."), (r"\.attn\.", ".self_attn."),
+    (r"\.wq\.", ".q_proj."), (r"\.wq_a\.", ".q_a_proj."), (r"\.q_norm\.", ".q_a_layernorm."),
+    (r"\.wq_b\.", ".q_b_proj."), (r"\.wkv_a\.", ".kv_a_proj_with_mqa."),
+    (r"\.kv_norm\.", ".kv_a_layernorm."), (r"\.wkv_b\.", ".kv_b_proj."), (r"\.wo\.", ".o_proj."),
+    (r"\.ffn\.", ".mlp."), (r"\.w1(\.|_scale)", r".gate_proj\1"), (r"\.w2(\.|_scale)", r".down_proj\1"),
+    (r"\.w3(\.|_scale)", r".up_proj\1"), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+    (r"\.experts\.(\w+)_proj$", r".experts.{j}.\1_proj.weight"),
+    (r"\.experts\.(\w+)_proj_scale$", r".experts.{j}.\1_proj.weight_scale_inv"),
+    (r"\.scale$", ".weight_scale_inv"),
+]
+
+
+def hf_name(name, n_layers):
+    """Our parameter name -> the published one; stacked experts give a template with {j}.
+    e.g. layers.3.ffn.experts.w1 -> model.layers.3.mlp.experts.{j}.gate_proj.weight,
+         mtp.0.norm.weight      -> model.layers.61.shared_head.norm.weight (n_layers = 61)."""
+    m = re.match(r"mtp\.(\d+)\.(block\.)?(.*)", name)
+    if m:
+        rest = "shared_head.norm" + m[3][4:] if m[3].startswith("norm.") and not m[2] else m[3]
+        name = f"layers.{n_layers + int(m[1])}.{rest}"
+    for pattern, repl in _HF_RULES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+def probs(logits, temperature=1.0, top_p=1.0, top_k=0):
+    """Softmax of logits / temperature restricted to the top_k tokens and to the smallest set
+    whose probability reaches top_p (nucleus). float32 (..., V)."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    p = logits.softmax(-1)
+    if top_p < 1.0:
+        sp, si = p.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp >= top_p         # mass before this token already reaches top_p
+        p = p.scatter(-1, si, sp.masked_fill(drop, 0.0))
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def sample(logits, temperature=0.0, top_p=1.0, top_k=0):
+    """(B, V) -> (B,) token ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(probs(logits, temperature, top_p, top_k), 1)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Accounting (no allocation: the model is built on the meta device)
+
+def accounting(args, seq_len=None):
+    """Parameters (total, activated per token, MTP), training FLOPs per token and the BF16 MLA
+    cache bytes per token. Published V3: 671B total, 37B activated, 11.5B MTP (§1, §2.2)."""
+    seq_len = seq_len or args.max_seq_len
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = active = mtp = 0
+    E, K = max(args.n_routed_experts, 1), args.n_activated_experts
+    for name, p in model.named_parameters():
+        if name.endswith("scale"):
+            continue
+        n = p.numel()
+        routed = ".experts." in name
+        if name.startswith("mtp."):
+            mtp += n
+            continue
+        total += n
+        active += n * K // E if routed else n
+    mtp_active = sum(p.numel() * (K / E if ".experts." in n else 1)
+                     for n, p in model.mtp.named_parameters() if not n.endswith("scale"))
+    emb = args.vocab_size * args.dim
+    matmul_params = active - emb + mtp_active + args.n_mtp * emb  # embeddings are lookups
+    # causal attention: QK^T and PV over seq_len / 2 keys on average, x3 for forward + backward
+    attn_flops = 3 * (args.n_layers + args.n_mtp) * args.n_heads * (args.qk_head_dim + args.v_head_dim) * seq_len
+    return {"params_total": total, "params_active": active, "params_mtp": mtp,
+            "params_embedding": emb,
+            "flops_per_token": 6 * matmul_params + attn_flops,
+            "kv_bytes_per_token": args.n_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * 2}
