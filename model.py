@@ -266,7 +266,7 @@ def fp8_quantize(x, block=(1, FP8_BLOCK), pow2=False):
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (tiles / scale[..., :, None, :, None]).to(FP8_DTYPE)
-    return q.flatten(-4, -3).flatten(-2)[..., :M, :K], scale
+    return q.flatten(-4, -3).flatten(-2)[..., :M, :K].contiguous(), scale
 
 
 def fp8_dequantize(q, scale, block=(FP8_BLOCK, FP8_BLOCK), dtype=torch.float32):
@@ -880,12 +880,17 @@ class Transformer(nn.Module):
                     name, dest, j = targets.pop(key)
                     t = handles[f].get_tensor(key)
                     scale_key = key.replace(".weight", ".weight_scale_inv")
-                    if t.dtype == FP8_DTYPE and not keep_fp8:
+                    scale = None
+                    if t.dtype == FP8_DTYPE:
                         if scale_key not in where:
                             raise CheckpointError(f"{key} is FP8 but {scale_key} is missing")
                         sf = where[scale_key]
                         handles.setdefault(sf, safe_open(path / sf, "pt", device=str(device)))
-                        t = fp8_dequantize(t, handles[sf].get_tensor(scale_key))
+                        scale = handles[sf].get_tensor(scale_key)
+                        if not keep_fp8:
+                            t = fp8_dequantize(t, scale)
+                    elif dest.dtype == FP8_DTYPE:  # a high-precision tensor where we keep FP8
+                        t, scale = fp8_quantize(t, (FP8_BLOCK, FP8_BLOCK))
                     want = dest.shape[1:] if j is not None else dest.shape
                     if t.shape != want:
                         raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)}, "
@@ -893,13 +898,9 @@ class Transformer(nn.Module):
                     with torch.no_grad():
                         (dest[j] if j is not None else dest).copy_(t)
                         if dest.dtype == FP8_DTYPE:  # keep FP8: bring the block scales along
-                            if scale_key not in where:
-                                raise CheckpointError(f"{key} is FP8 but {scale_key} is missing")
                             sdest = model.get_parameter(name + "_scale" if j is not None else
                                                         name.replace(".weight", ".scale"))
-                            sf = where[scale_key]
-                            handles.setdefault(sf, safe_open(path / sf, "pt", device=str(device)))
-                            (sdest[j] if j is not None else sdest).copy_(handles[sf].get_tensor(scale_key))
+                            (sdest[j] if j is not None else sdest).copy_(scale)
         finally:
             handles.clear()
         missing = [k for k in targets if not k.endswith("e_score_correction_bias") or args.score_func == "sigmoid"]
@@ -928,8 +929,8 @@ _HF_RULES = [  # (our name pattern, published name), applied in order
     (r"\.wq\.", ".q_proj."), (r"\.wq_a\.", ".q_a_proj."), (r"\.q_norm\.", ".q_a_layernorm."),
     (r"\.wq_b\.", ".q_b_proj."), (r"\.wkv_a\.", ".kv_a_proj_with_mqa."),
     (r"\.kv_norm\.", ".kv_a_layernorm."), (r"\.wkv_b\.", ".kv_b_proj."), (r"\.wo\.", ".o_proj."),
-    (r"\.ffn\.", ".mlp."), (r"\.w1(\.|_scale)", r".gate_proj\1"), (r"\.w2(\.|_scale)", r".down_proj\1"),
-    (r"\.w3(\.|_scale)", r".up_proj\1"), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+    (r"\.ffn\.", ".mlp."), (r"\.w1(\.|_scale|$)", r".gate_proj\1"), (r"\.w2(\.|_scale|$)", r".down_proj\1"),
+    (r"\.w3(\.|_scale|$)", r".up_proj\1"), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
     (r"\.experts\.(\w+)_proj$", r".experts.{j}.\1_proj.weight"),
     (r"\.experts\.(\w+)_proj_scale$", r".experts.{j}.\1_proj.weight_scale_inv"),
     (r"\.scale$", ".weight_scale_inv"),

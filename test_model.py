@@ -1,0 +1,405 @@
+"""Tests: CPU, float32, seeded. Each compares against something independent: a float64 or
+plain-loop reference written here, the other code path, a hand-computed value, or the paper."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting,
+                   fp8_dequantize, fp8_quantize, hf_name, precompute_freqs_cis, probs)
+
+
+def small_args(**kw):
+    """A model with every feature switched on, small enough for milliseconds per forward."""
+    base = dict(vocab_size=64, dim=64, inter_dim=96, n_layers=3, n_dense_layers=1, n_heads=2,
+                q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                v_head_dim=8, moe_inter_dim=32, n_routed_experts=8, n_shared_experts=1,
+                n_activated_experts=2, n_expert_groups=4, n_limited_groups=2, n_mtp=1,
+                max_seq_len=64, init_std=0.1)
+    return ModelArgs(**{**base, **kw})
+
+
+def random_model(seed=0, **kw):
+    """A small model with non-trivial routing biases and norm weights, in eval mode."""
+    torch.manual_seed(seed)
+    model = Transformer(small_args(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+        for m in model.moe_layers():
+            if m.gate.bias is not None:
+                m.gate.bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------- attention, cache
+
+def test_absorbed_attention_equals_expanded():
+    torch.manual_seed(0)
+    args = small_args()
+    attn, T = MLA(args), 12
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, T, args.dim)
+    freqs = precompute_freqs_cis(args)
+    expanded = attn(x, freqs[:T])
+    attn.kv_cache, attn.pe_cache = torch.zeros(2, T + 3, 16), torch.zeros(2, T + 3, 8)
+    pos = torch.arange(T).expand(2, T)
+    absorbed = attn(x, freqs[pos], pos, kv_len=T + 3)  # kv_len > T selects the absorbed form
+    assert rel(absorbed, expanded) < 1e-5
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, 0])
+def test_cached_decoding_reproduces_full_forward(q_lora_rank):
+    model = random_model(q_lora_rank=q_lora_rank, rope_factor=4.0, original_seq_len=16)
+    tokens = torch.randint(0, 64, (2, 20))
+    full = model(tokens)
+    model.setup_cache(2, 32)
+    with torch.no_grad():
+        pos = torch.arange(5).expand(2, 5)
+        steps = [model.head(model.trunk(tokens[:, :5], pos, 5))]
+        for t in range(5, 20):
+            steps.append(model.head(model.trunk(tokens[:, t:t + 1], torch.full((2, 1), t), t + 1)))
+    cached = torch.cat(steps, 1)
+    for t in range(20):
+        assert rel(cached[:, t], full[:, t]) < 1e-5, t
+
+
+def test_yarn_frequencies_and_softmax_scale_match_hand_computation():
+    args = small_args(qk_rope_head_dim=8, qk_nope_head_dim=16, rope_theta=10000.0, rope_factor=4.0,
+                      original_seq_len=256, beta_fast=32, beta_slow=1, max_seq_len=300)
+    # base freqs 10000^(-2i/8) = 1, 0.1, 0.01, 0.001. Correction dims: 8 ln(256/(2 pi t)) / (2 ln 1e4)
+    # = 0.105 for t = 32 (floor 0) and 1.61 for t = 1 (ceil 2): ramp = 0, 0.5, 1, 1 over the pairs;
+    # freq = f/4 * ramp + f * (1 - ramp)
+    expected = torch.tensor([1.0, 0.1 * (0.5 / 4 + 0.5), 0.01 / 4, 0.001 / 4], dtype=torch.float64)
+    freqs = precompute_freqs_cis(args)
+    assert torch.allclose(freqs[1].angle().double(), expected, rtol=1e-6)
+    assert torch.allclose(freqs[7].abs(), torch.ones(4))  # mscale / mscale_all_dim = 1
+    m = 0.1 * math.log(4.0) + 1  # 1.13863
+    assert MLA(args).softmax_scale == pytest.approx(24 ** -0.5 * m * m, rel=1e-12)
+    v3 = ModelArgs.from_preset("deepseek-v3")  # factor 40, qk_head_dim 192
+    assert v3.qk_head_dim == 192
+    assert 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2 == pytest.approx(0.1352, abs=1e-4)
+
+
+def test_rope_uses_interleaved_pairs():
+    from model import apply_rope
+    args = small_args(qk_rope_head_dim=4)
+    freqs = precompute_freqs_cis(args)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    y = apply_rope(x, freqs[:3])[0, 2, 0]
+    a0, a1 = 2 * 1.0, 2 * 10000 ** -0.5  # position 2, pairs (x0, x1) and (x2, x3)
+    want = [1 * math.cos(a0) - 2 * math.sin(a0), 1 * math.sin(a0) + 2 * math.cos(a0),
+            3 * math.cos(a1) - 4 * math.sin(a1), 3 * math.sin(a1) + 4 * math.cos(a1)]
+    assert torch.allclose(y, torch.tensor(want), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- gate and MoE
+
+def test_gate_hand_computed_case():
+    # 4 experts in 2 groups, keep 1 group, pick 2 experts, route_scale 2
+    args = small_args(dim=2, n_routed_experts=4, n_expert_groups=2, n_limited_groups=1,
+                      n_activated_experts=2, route_scale=2.0)
+    gate = Gate(args)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])            # expert affinities before sigmoid
+    with torch.no_grad():
+        gate.weight.copy_(torch.cat([logits.T, torch.zeros(4, 1)], dim=1))  # x = e_0 -> logits
+        gate.bias.copy_(torch.tensor([0.0, 0.0, -0.5, 0.9]))
+    x = torch.tensor([[1.0, 0.0]])
+    s = torch.sigmoid(logits)[0]                               # .5, .731, .881, .269
+    # biased: .5, .731, .381, 1.169; group sums (top-2): g0 = 1.231, g1 = 1.550 -> keep group 1
+    # within group 1 by biased score: expert 3 (1.169) then expert 2 (.381)
+    w, idx, scores = gate(x)
+    assert idx[0].tolist() == [3, 2]
+    want = torch.stack([s[3], s[2]]) / (s[3] + s[2]) * 2.0    # weights from UNbiased scores
+    assert torch.allclose(w[0], want, atol=1e-6)
+    assert torch.allclose(scores[0], s)
+
+
+def test_gate_selection_uses_bias_but_weights_do_not():
+    torch.manual_seed(0)
+    args = small_args(n_expert_groups=1, n_limited_groups=1)
+    gate = Gate(args)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(64, args.dim)
+    with torch.no_grad():
+        gate.bias.copy_(torch.linspace(-1, 1, 8))              # strongly favours high experts
+    w, idx, s = gate(x)
+    assert torch.equal(idx.sort(-1).values, (s + gate.bias).topk(2).indices.sort(-1).values)
+    chosen = s.gather(1, idx)
+    assert torch.allclose(w, chosen / chosen.sum(-1, keepdim=True) * args.route_scale)
+
+
+@pytest.mark.parametrize("bias_shift", [0.0, -3.0])
+def test_gate_never_picks_outside_kept_groups(bias_shift):
+    torch.manual_seed(1)
+    args = small_args(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=4)
+    gate = Gate(args)
+    torch.nn.init.normal_(gate.weight, std=1.0)
+    with torch.no_grad():  # negative biases make biased scores negative: a 0-mask would leak
+        gate.bias.copy_(torch.randn(16) * 0.5 + bias_shift)
+    x = torch.randn(200, args.dim)
+    _, idx, s = gate(x)
+    biased = (s + gate.bias).tolist()
+    for n in range(200):  # plain-Python reference of group-limited routing
+        groups = [sorted(biased[n][g * 4:(g + 1) * 4], reverse=True) for g in range(4)]
+        kept = sorted(range(4), key=lambda g: -(groups[g][0] + groups[g][1]))[:2]
+        assert {e // 4 for e in idx[n].tolist()} <= set(kept)
+        eligible = [(biased[n][e], e) for e in range(16) if e // 4 in kept]
+        assert set(idx[n].tolist()) == {e for _, e in sorted(eligible, reverse=True)[:4]}
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_moe_dispatch_equals_per_token_reference(score_func):
+    torch.manual_seed(0)
+    args = small_args(score_func=score_func)
+    moe = MoE(args)
+    for name, p in moe.named_parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 7, args.dim)
+    y = moe(x)
+    flat = x.view(-1, args.dim)
+    w, idx, _ = moe.gate(flat)
+    ex = moe.experts
+    ref = torch.zeros_like(flat)
+    for n in range(flat.size(0)):
+        for k in range(args.n_activated_experts):
+            e = idx[n, k]
+            h = F.silu(ex.w1[e] @ flat[n]) * (ex.w3[e] @ flat[n])
+            ref[n] += w[n, k] * (ex.w2[e] @ h)
+    ref += moe.shared_experts(flat)
+    assert rel(y.view(-1, args.dim), ref) < 1e-5
+
+
+def test_grouped_mm_path_equals_padded_path():
+    torch.manual_seed(0)
+    args = small_args()
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(40, args.dim)
+    _, idx, _ = moe.gate(x)
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    counts = flat.bincount(minlength=8)
+    xs = x[order // 2]
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    assert rel(moe.experts._grouped(xs, counts), moe.experts._padded(xs, flat[order], counts)) < 1e-5
+
+
+def test_sequence_balance_loss_matches_formula():
+    torch.manual_seed(0)
+    args = small_args(balance_alpha=0.01)
+    moe = MoE(args).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, args.dim)
+    moe(x)
+    _, idx, s = moe.gate(x.view(-1, args.dim))
+    E, K, T = 8, 2, 5
+    total = 0.0
+    for b in range(2):  # eq. 17-20, written out per sequence and expert
+        rows = range(b * T, (b + 1) * T)
+        for i in range(E):
+            f = E / (K * T) * sum(int(i in idx[t].tolist()) for t in rows)
+            P = sum((s[t, i] / s[t].sum()).item() for t in rows) / T
+            total += f * P
+    assert moe.balance_loss.item() == pytest.approx(0.01 * total / 2, rel=1e-5)
+    assert moe.load.sum().item() == 2 * T * K
+
+
+def test_bias_update_moves_biases_against_load():
+    model = random_model()
+    moe = model.moe_layers()[0]
+    before = moe.gate.bias.clone()
+    moe.load.copy_(torch.tensor([10.0, 0, 5, 5, 5, 5, 9, 1]))   # mean 5
+    maxvio = model.update_bias(0.01)
+    assert maxvio[0].item() == pytest.approx(10 / 5 - 1)
+    delta = (moe.gate.bias - before) / 0.01
+    assert torch.allclose(delta, torch.tensor([-1.0, 1, 0, 0, 0, 0, -1, 1]))
+    assert moe.load.sum() == 0                                 # counts reset after the update
+
+
+# ---------------------------------------------------------------------------- whole model
+
+def test_accounting_matches_published_deepseek_v3_figures():
+    acc = accounting(ModelArgs.from_preset("deepseek-v3"))
+    assert acc["params_total"] / 1e9 == pytest.approx(671, rel=0.002)    # "671B total"
+    assert 37.0 <= acc["params_active"] / 1e9 <= 38.0                    # "37B activated"
+    # "11.5B unique MTP parameters" (model card); the block + eh_proj count 11.6B
+    assert acc["params_mtp"] / 1e9 == pytest.approx(11.5, rel=0.015)
+    assert acc["kv_bytes_per_token"] == 61 * 576 * 2 == 70272
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(small_args(init_std=0.02)).train()
+    tokens = torch.randint(0, 64, (2, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        _, losses = model(tokens[:, :-1], tokens[:, 1:])
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        model.update_bias(1e-3)
+    assert losses["ce"].item() < 0.1 * math.log(64)
+    assert losses["mtp"].item() < 0.5 * math.log(64)
+
+
+def test_losses_are_reported_separately_and_combine():
+    model = random_model().train()
+    tokens = torch.randint(0, 64, (2, 17))
+    logits, L = model(tokens[:, :-1], tokens[:, 1:], mtp_weight=0.3)
+    ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert L["ce"].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert L["loss"].item() == pytest.approx((L["ce"] + 0.3 * L["mtp"] + L["balance"]).item(), rel=1e-6)
+    assert L["balance"].item() > 0 and L["mtp"].item() > 0
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def test_save_then_load_is_bit_identical(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)  # force several shards + index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    loaded = Transformer.from_pretrained(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    tokens = torch.randint(0, 64, (1, 10))
+    assert torch.equal(model(tokens), loaded(tokens))
+
+
+def test_published_names_cover_the_layout():
+    assert hf_name("layers.3.ffn.experts.w1", 61) == "model.layers.3.mlp.experts.{j}.gate_proj.weight"
+    assert hf_name("layers.0.attn.wkv_a.weight", 61) == "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    assert hf_name("layers.5.ffn.gate.bias", 61) == "model.layers.5.mlp.gate.e_score_correction_bias"
+    assert hf_name("mtp.0.norm.weight", 61) == "model.layers.61.shared_head.norm.weight"
+    assert hf_name("mtp.0.block.ffn.shared_experts.w2.weight", 61) == \
+        "model.layers.61.mlp.shared_experts.down_proj.weight"
+    assert hf_name("layers.2.attn.wo.scale", 61) == "model.layers.2.self_attn.o_proj.weight_scale_inv"
+
+
+def _write_fp8_checkpoint(model, path):
+    """Quantize every projection of `model` as DeepSeek publishes it: e4m3 + 128x128 scales."""
+    from safetensors.torch import save_file
+    state = {}
+    for k, t in model.hf_state_dict().items():
+        quantize = t.dim() == 2 and not any(n in k for n in ("embed", "head", "norm", "mlp.gate."))
+        if quantize:
+            q, s = fp8_quantize(t, (128, 128))
+            state[k], state[k.replace(".weight", ".weight_scale_inv")] = q, s
+        else:
+            state[k] = t
+    path.mkdir(exist_ok=True)
+    save_file(state, path / "model.safetensors")
+    cfg = model.args.to_hf_config()
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_fp8_checkpoint_loads_within_fp8_rounding(tmp_path):
+    # dim 192 gives partial 128-blocks at the edges (e.g. 192 = 128 + 64 columns)
+    model = random_model(dim=192, inter_dim=200, moe_inter_dim=72)
+    _write_fp8_checkpoint(model, tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path)
+    src = model.state_dict()
+    n_checked = 0
+    for k, t in loaded.state_dict().items():
+        if t.dim() >= 2 and ("embed" not in k and "head" not in k and "gate.weight" not in k):
+            err = (t - src[k]).abs()
+            # e4m3 keeps 3 mantissa bits: |err| <= 2^-4 |w| for normals, <= 2^-10 * scale below
+            blk_scale = src[k].abs().amax() / 448
+            assert (err <= src[k].abs() * 2 ** -4 + blk_scale * 2 ** -9).all(), k
+            assert err.max() > 0, k
+            n_checked += 1
+        else:
+            assert torch.equal(t, src[k]), k
+    assert n_checked > 20
+    # independent reference: round each 128x128 block to e4m3 by hand, plain loops
+    ref = random_model(dim=192, inter_dim=200, moe_inter_dim=72)
+    with torch.no_grad():
+        for k, t in ref.state_dict(keep_vars=True).items():
+            if t.dim() < 2 or any(n in k for n in ("embed", "head", "gate.weight")):
+                continue
+            for w in (t if t.dim() == 3 else [t]):
+                for r in range(0, w.size(0), 128):
+                    for c in range(0, w.size(1), 128):
+                        blk = w[r:r + 128, c:c + 128]
+                        s = blk.abs().max() / 448
+                        blk.copy_((blk / s).to(FP8_DTYPE).float() * s)
+    tokens = torch.randint(0, 64, (2, 12))
+    assert rel(loaded(tokens), ref(tokens)) < 1e-5
+    kept = Transformer.from_pretrained(tmp_path, dtype=FP8_DTYPE)   # weights stay e4m3 in memory
+    assert kept.layers[0].attn.wq_a.weight.dtype == FP8_DTYPE
+    assert kept.layers[1].ffn.experts.w1.dtype == FP8_DTYPE
+    bf16 = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert rel(kept(tokens).float(), bf16(tokens).float()) < 1e-2
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        Transformer.from_pretrained(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="unsupported model_type"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "kv_lora_rank": 24}))
+    with pytest.raises(CheckpointError, match="shape mismatch for model.layers.0.self_attn.kv_a"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5,
+                                                      "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.4"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_hf_config_round_trip_and_rope_parameters_style():
+    args = small_args(rope_factor=4.0, original_seq_len=32, q_lora_rank=0)
+    cfg = args.to_hf_config()
+    back = ModelArgs.from_hf_config(cfg)
+    assert back == args
+    cfg2 = dict(cfg)
+    cfg2["rope_parameters"] = {**cfg2.pop("rope_scaling"), "rope_type": "yarn", "rope_theta": 10000.0}
+    cfg2["rope_parameters"].pop("type")
+    assert ModelArgs.from_hf_config(cfg2) == args
+
+
+# ---------------------------------------------------------------------------- generation
+
+def test_speculative_greedy_equals_plain_greedy():
+    model = random_model()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        prompt = torch.randint(0, 64, (3, 6))
+        plain = model.generate(prompt, 30)
+        stats = {}
+        spec = model.generate(prompt, 30, speculative=True, stats=stats)
+        assert torch.equal(plain, spec)
+        assert stats["drafted"] > 0
+
+
+def test_top_p_and_top_k_masks_on_hand_made_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    p = probs(logits, 1.0, top_p=0.7)          # 0.5 + 0.2 reaches 0.7: keep two
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0, 0, 0]]) / 0.7)
+    p = probs(logits, 1.0, top_p=0.71)         # needs the third token
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85)
+    p = probs(logits, 1.0, top_k=1)
+    assert torch.equal(p, torch.tensor([[1.0, 0, 0, 0, 0]]))
+    p = probs(logits, 2.0)                     # temperature 2: p ~ sqrt(p)
+    want = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).sqrt()
+    assert torch.allclose(p, want / want.sum())
