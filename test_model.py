@@ -380,16 +380,62 @@ def test_hf_config_round_trip_and_rope_parameters_style():
 
 # ---------------------------------------------------------------------------- generation
 
-def test_speculative_greedy_equals_plain_greedy():
-    model = random_model()
-    for seed in range(3):
-        torch.manual_seed(seed)
-        prompt = torch.randint(0, 64, (3, 6))
-        plain = model.generate(prompt, 30)
-        stats = {}
-        spec = model.generate(prompt, 30, speculative=True, stats=stats)
-        assert torch.equal(plain, spec)
-        assert stats["drafted"] > 0
+@pytest.fixture(scope="module")
+def memorizer():
+    """A small model trained to recite one random sequence, so its MTP drafts are mostly right
+    on that sequence and mostly wrong elsewhere."""
+    torch.manual_seed(0)
+    model = Transformer(small_args(init_std=0.02)).train()
+    seq = torch.randint(0, 64, (1, 49))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, losses = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    return model.eval(), seq
+
+
+def test_speculative_greedy_equals_plain_greedy(memorizer):
+    model, seq = memorizer
+    torch.manual_seed(0)
+    # rows from the memorised sequence (drafts accepted) and random rows (drafts rejected)
+    prompt = torch.cat([seq[:, :6], seq[:, 10:16], torch.randint(0, 64, (2, 6))])
+    plain = model.generate(prompt, 30)
+    stats = {}
+    spec = model.generate(prompt, 30, speculative=True, stats=stats)
+    assert torch.equal(plain, spec)
+    assert 0 < stats["accepted"] < stats["drafted"]
+    assert torch.equal(plain[0, 6:30], seq[0, 6:30])  # the memoriser does recite
+
+
+def _chi2_critical(df, z=3.09):  # Wilson-Hilferty quantile of chi^2(df); z = 3.09 is p = 0.001
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    model = random_model(vocab_size=6, init_std=0.5)   # a tiny vocabulary: 36 (t1, t2) cells
+    torch.manual_seed(0)
+    N, prompt = 6000, torch.tensor([[1, 4, 2, 0]])
+    out = model.generate(prompt.expand(N, 4), 2, temperature=1.0, speculative=True)
+    counts = torch.bincount(out[:, 4] * 6 + out[:, 5], minlength=36).double()
+    with torch.no_grad():
+        ext = torch.cat([prompt.expand(6, 4), torch.arange(6)[:, None]], 1)  # every t1
+        p1 = model(prompt)[0, -1].softmax(-1)                               # p(t1 | prompt)
+        p2 = model(ext)[:, -1].softmax(-1)                                  # p(t2 | prompt, t1)
+        # the MTP draft for t2: position 3 pairs h_3 with Emb(t1)
+        h = model.trunk(prompt).expand(6, -1, -1)
+        q2 = model.head(model.mtp[0](h, model.embed(ext[:, 1:]), model.freqs_cis[:4]))[:, -1].softmax(-1)
+
+    def chi2(joint):
+        expected = N * joint.flatten().double()
+        keep = expected > 5
+        return ((counts - expected)[keep] ** 2 / expected[keep]).sum().item(), int(keep.sum()) - 1
+
+    stat, df = chi2(p1[:, None] * p2)
+    assert stat < _chi2_critical(df)          # samples follow the main model's distribution
+    stat_q, df_q = chi2(p1[:, None] * q2)
+    assert stat_q > 10 * _chi2_critical(df_q)  # and the test can tell the draft's apart
 
 
 def test_top_p_and_top_k_masks_on_hand_made_logits():
@@ -403,3 +449,91 @@ def test_top_p_and_top_k_masks_on_hand_made_logits():
     p = probs(logits, 2.0)                     # temperature 2: p ~ sqrt(p)
     want = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).sqrt()
     assert torch.allclose(p, want / want.sum())
+
+
+# ---------------------------------------------------------------------------- FP8 (§3.3)
+
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (128, 1)])
+def test_fp8_quantization_error_within_e4m3_rounding(block):
+    torch.manual_seed(0)
+    x = torch.randn(300, 200, dtype=torch.float64) * torch.logspace(-3, 2, 200, dtype=torch.float64)
+    q, s = fp8_quantize(x, block)
+    assert q.dtype == FP8_DTYPE and q.shape == x.shape
+    assert s.shape == (math.ceil(300 / block[0]), math.ceil(200 / block[1]))   # partial edge tiles
+    # each tile's scale maps its absolute max onto 448, the largest e4m3 value
+    assert s[-1, -1].item() == pytest.approx(x[-(300 % block[0] or block[0]):, -(200 % block[1] or block[1]):]
+                                             .abs().max().item() / 448, rel=1e-6)
+    back = fp8_dequantize(q, s, block, dtype=torch.float64)
+    tile_scale = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:300, :200].double()
+    # 3 mantissa bits: half an ulp is 2^-4 relative for normals; subnormal spacing is 2^-9 * scale
+    bound = torch.maximum(x.abs() * 2 ** -4, tile_scale * 2 ** -10)
+    assert ((back - x).abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_fp8_all_zero_tiles_and_pow2_scales():
+    x = torch.zeros(4, 256)
+    x[:, 128:] = torch.randn(4, 128)
+    q, s = fp8_quantize(x, (1, 128))
+    assert torch.isfinite(s).all() and (s > 0).all()
+    assert torch.equal(fp8_dequantize(q, s, (1, 128))[:, :128], torch.zeros(4, 128))
+    q2, s2 = fp8_quantize(x, (1, 128), pow2=True)
+    assert torch.equal(torch.exp2(torch.log2(s2).round()), s2) and (s2 >= s).all()
+    assert ((fp8_dequantize(q2, s2, (1, 128)) - x).abs() <= x.abs() * 2 ** -3 + 1e-30).all()
+
+
+def test_fp8_products_relative_error_against_float64():
+    from model import FP8Matmul
+    torch.manual_seed(0)
+    x = torch.randn(256, 384, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(320, 384, dtype=torch.float64) * 0.05).requires_grad_()
+    dy = torch.randn(256, 320, dtype=torch.float64)
+    xf, wf = x.float().detach().requires_grad_(), w.float().detach().requires_grad_()
+    y = FP8Matmul.apply(xf, wf)
+    y.backward(dy.float())
+    y_ref = x @ w.T
+    y_ref.backward(dy)
+    for got, ref in ((y, y_ref), (xf.grad, x.grad), (wf.grad, w.grad)):
+        err = rel(got, ref)
+        # e4m3 rounds each input by up to 2^-4 (RMS ~2.5%); two inputs give ~3.6% on the product
+        assert 1e-2 < err < 5e-2, err
+
+
+def test_fp8_linear_gradients_close_to_bf16(monkeypatch):
+    from model import Linear
+    torch.manual_seed(0)
+    ref, fp8 = Linear(256, 192), Linear(256, 192, fp8=True)
+    torch.nn.init.normal_(ref.weight, std=0.05)
+    fp8.weight.data.copy_(ref.weight.data)
+    x = torch.randn(4, 64, 256)
+    grads = []
+    for lin in (ref, fp8):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lin is ref):
+            y = lin(xi)
+        (y.float() ** 2).mean().backward()
+        grads.append((y.float(), xi.grad, lin.weight.grad))
+    for a, b in zip(*grads):   # output, input gradient, weight gradient
+        assert rel(b, a) < 5e-2
+
+
+def test_fp8_real_path_selected_only_on_hopper(monkeypatch):
+    from model import fp8_real_available
+    assert not fp8_real_available("cpu")
+    for cap, want in (((9, 0), True), ((8, 9), False), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        assert fp8_real_available("cuda") == (want and hasattr(F, "scaled_mm"))
+
+
+def test_fp8_training_model_tracks_full_precision():
+    model = random_model(init_std=0.02)
+    fp8 = random_model(fp8=True, init_std=0.02)
+    fp8.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 64, (2, 17))
+    model.train(), fp8.train()
+    _, a = model(tokens[:, :-1], tokens[:, 1:])
+    _, b = fp8(tokens[:, :-1], tokens[:, 1:])
+    assert b["ce"].item() == pytest.approx(a["ce"].item(), rel=2e-3)
+    a["loss"].backward(), b["loss"].backward()
+    ga = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    gb = torch.cat([p.grad.flatten() for p in fp8.parameters() if p.grad is not None])
+    assert rel(gb, ga) < 0.15  # ~3.6% per GEMM, compounded through 4 blocks (bf16: 0.4%)
