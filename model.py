@@ -281,22 +281,28 @@ def fp8_real_available(device):
             and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"))
 
 
-def fp8_gemm(a, a_block, b, b_block, out_dtype=torch.float32):
-    """a @ b^T with a (M, K) and b (N, K) quantized in tiles along the contraction dim K: (1, 128)
-    for activations and gradients, (128, 128) for weights. Real e4m3 tensor-core GEMM on Hopper,
-    elsewhere an exact emulation: quantize -> dequantize -> float32 matmul, the same numbers the
-    hardware multiplies, with float32 accumulation."""
-    qa, sa = fp8_quantize(a, a_block)
-    qb, sb = fp8_quantize(b, b_block)
-    if a.dim() == 2 and fp8_real_available(a.device):
+def fp8_gemm(qa, sa, a_block, qb, sb, b_block, out_dtype=torch.float32):
+    """a @ b^T from quantized operands a (M, K), b (N, K), each tiled along the contraction dim
+    K: (1, 128) for activations and gradients, (128, 128) for weights. Real e4m3 tensor-core GEMM
+    on Hopper; elsewhere an exact emulation: dequantize, then a float32 matmul, which multiplies
+    the same numbers as the hardware and accumulates in float32 as the paper's promotion does."""
+    K = qa.size(-1)
+    if (qa.dim() == 2 and K % FP8_BLOCK == 0 and qb.size(0) % FP8_BLOCK == 0
+            and fp8_real_available(qa.device)):
+        # cuBLAS layouts (torch's scaled_mm tests): b column-major; 1x128 scales outer-dim-major;
+        # 128x128 scales of b as (ceil(K/128) padded to 4, N/128), transposed-contiguous.
         kind = {(1, FP8_BLOCK): F.ScalingType.BlockWise1x128,
                 (FP8_BLOCK, FP8_BLOCK): F.ScalingType.BlockWise128x128}
-        # cuBLAS wants 1x128 scales M-major (transposed-contiguous); out_dtype bf16 is required.
-        prep = lambda s, blk: s.t().contiguous().t() if blk[0] == 1 else s.contiguous()
-        y = F.scaled_mm(qa, qb.t(), prep(sa, a_block), kind[a_block], prep(sb, b_block),
-                        kind[b_block], output_dtype=torch.bfloat16)
+        sa = sa.t().contiguous().t()
+        sb = sb.t().contiguous().t() if b_block[0] == 1 else F.pad(sb, (0, -sb.size(1) % 4)).t()
+        y = F.scaled_mm(qa, qb.t(), sa, kind[a_block], sb, kind[b_block], output_dtype=torch.bfloat16)
         return y.to(out_dtype)
-    return fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT
+    return (fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT).to(out_dtype)
+
+
+def fp8_matmul(a, a_block, b, b_block, out_dtype):
+    """Quantize both operands online (scales from the current max, §3.3) and multiply."""
+    return fp8_gemm(*fp8_quantize(a, a_block), a_block, *fp8_quantize(b, b_block), b_block, out_dtype)
 
 
 class FP8Matmul(torch.autograd.Function):
@@ -310,13 +316,13 @@ class FP8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return fp8_gemm(x, (1, FP8_BLOCK), w, (FP8_BLOCK, FP8_BLOCK)).to(x.dtype)
+        return fp8_matmul(x, (1, FP8_BLOCK), w, (FP8_BLOCK, FP8_BLOCK), x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        dx = fp8_gemm(dy, (1, FP8_BLOCK), w.mT, (FP8_BLOCK, FP8_BLOCK)).to(x.dtype)
-        dw = fp8_gemm(dy.mT, (1, FP8_BLOCK), x.mT, (1, FP8_BLOCK)).to(w.dtype)
+        dx = fp8_matmul(dy, (1, FP8_BLOCK), w.mT, (FP8_BLOCK, FP8_BLOCK), x.dtype)
+        dw = fp8_matmul(dy.mT, (1, FP8_BLOCK), x.mT, (1, FP8_BLOCK), w.dtype)
         return dx, dw
 
 
@@ -351,7 +357,9 @@ class Linear(nn.Module):
     def forward(self, x):
         if self.weight.dtype == FP8_DTYPE:
             if fp8_real_available(x.device):  # FP8 inference: activations quantized per 1x128
-                return fp8_gemm(x.flatten(0, -2), (1, FP8_BLOCK), self.weight, None, x.dtype)
+                qx, sx = fp8_quantize(x.flatten(0, -2), (1, FP8_BLOCK))
+                y = fp8_gemm(qx, sx, (1, FP8_BLOCK), self.weight, self.scale, (FP8_BLOCK, FP8_BLOCK), x.dtype)
+                return y.unflatten(0, x.shape[:-1])
             return F.linear(x, self.dequantized_weight(x.dtype))
         if self.fp8 and torch.is_grad_enabled():
             return FP8Matmul.apply(x.flatten(0, -2), self.weight).unflatten(0, x.shape[:-1])
