@@ -523,35 +523,35 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, idx):
         """x (N, D), weights/idx (N, K) -> sum_k weights[:, k] * expert_{idx[:, k]}(x): (N, D)."""
-        N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)                # (N*K,) assignments grouped by expert
-        counts = flat.bincount(minlength=self.w1.size(0))
-        xs = x[order // K]                               # (N*K, D) token copies, sorted
+        (N, K), E = idx.shape, self.w1.size(0)
+        flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
+        order = flat.argsort(stable=True)                # pairs grouped by expert
+        counts = flat.bincount(minlength=E)
         if x.is_cuda and not self.fp8 and self.w1.dtype != FP8_DTYPE:
-            ys = self._grouped(xs, counts)
+            pair = order
+            h = self._grouped(x[pair // K], counts)     # (N*K, D)
         else:
-            ys = self._padded(xs, flat[order], counts)
-        ys = ys[order.argsort()].view(N, K, -1)          # back to (token, k) order
-        return torch.einsum("nk,nkd->nd", weights.type_as(ys), ys)
+            expert = flat[order]
+            slot = torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]
+            pair = torch.full((E, int(counts.max())), N * K, device=x.device)  # N*K = padding
+            pair[expert, slot] = order
+            h = self._padded(F.pad(x, (0, 0, 0, 1))[pair // K])              # (E, cap, D)
+        w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)               # 0 for padding
+        y = h.new_zeros(N + 1, x.size(1))
+        return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
 
     def _grouped(self, xs, counts):
-        """torch's grouped GEMM (CUDA): one kernel over variable-sized expert segments."""
+        """torch's grouped GEMM (CUDA): one kernel over the variable-sized expert segments."""
         offs = counts.cumsum(0).to(torch.int32)
         h = F.silu(F.grouped_mm(xs, self.w1.mT, offs=offs)) * F.grouped_mm(xs, self.w3.mT, offs=offs)
         return F.grouped_mm(h, self.w2.mT, offs=offs)
 
-    def _padded(self, xs, expert, counts):
-        """Fallback (CPU, FP8): scatter into an (E, capacity, D) buffer, batched matmuls, gather.
-        Faster than grouped_mm on CPU; padding costs E * max(count) - N*K rows."""
-        start = counts.cumsum(0) - counts
-        slot = torch.arange(xs.size(0), device=xs.device) - start[expert]   # rank within expert
-        buf = xs.new_zeros(counts.size(0), int(counts.max()), xs.size(1))   # (E, cap, D)
-        buf[expert, slot] = xs
+    def _padded(self, buf):
+        """Fallback (CPU, FP8): experts' inputs padded to the largest count, (E, cap, D), and
+        batched matmuls; on CPU this is faster than grouped_mm. Costs E * cap - N*K idle rows."""
         mm = lambda t, name: expert_matmul(t, getattr(self, name), getattr(self, name + "_scale"),
                                            self.fp8 and torch.is_grad_enabled())
-        h = F.silu(mm(buf, "w1")) * mm(buf, "w3")                          # (E, cap, I)
-        return mm(h, "w2")[expert, slot]                                    # (N*K, D)
+        return mm(F.silu(mm(buf, "w1")) * mm(buf, "w3"), "w2")
 
 
 class MoE(nn.Module):
