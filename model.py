@@ -723,12 +723,12 @@ class Transformer(nn.Module):
         total = T0 + max_new_tokens
         if max_new_tokens <= 0:
             raise ValueError("max_new_tokens must be positive")
-        if total + 1 > self.args.max_seq_len:
+        if total + speculative > self.args.max_seq_len:  # verification looks one position ahead
             raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) exceed the context "
                              f"of {self.args.max_seq_len}; shorten the prompt or generate fewer")
         if speculative and not len(self.mtp):
             raise ValueError("speculative decoding needs an MTP module (n_mtp >= 1)")
-        self.setup_cache(B, total + 1)
+        self.setup_cache(B, total + speculative)
         out = torch.zeros(B, total + 2, dtype=torch.long, device=tokens.device)
         out[:, :T0] = tokens
         pos = torch.arange(T0, device=tokens.device).expand(B, T0)
@@ -846,10 +846,11 @@ class Transformer(nn.Module):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
         index = path / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = [f.name for f in sorted(path.glob("*.safetensors"))]
+        try:
+            files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+                     else [f.name for f in sorted(path.glob("model*.safetensors"))])
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"cannot read {index}: {e!r}") from None
         if not files:
             raise CheckpointError(f"no *.safetensors files in {path}")
         where = {}  # published tensor name -> file

@@ -1,0 +1,311 @@
+"""
+Generate text with a DeepSeek-V3 checkpoint: a prompt or a fill-in-the-middle, streamed as it is
+written, then one line of speed; or a benchmark of MTP speculative decoding against plain decoding.
+
+    python infer.py                                        # complete a Python function with out/
+    python infer.py --prompt "import os" --temperature 0   # greedy
+    python infer.py --prompt-file notes.txt --top-k 50 --seed 3
+    python infer.py --fim-prefix $'def add(a, b):\\n    ' --fim-suffix $'\\n\\nprint(add(1, 2))\\n'   # bash
+    python infer.py --speculative                          # MTP drafts, the main model verifies (§2.2)
+    python infer.py --bench                                # plain vs speculative greedy: tokens/s, acceptance
+    python infer.py --ckpt path/to/DeepSeek-V3 --dtype fp8 --prompt "Hello"   # published layout
+
+Checkpoints are folders in the published Hugging Face layout (config.json + *.safetensors), as
+`python train.py` writes to out/. Text goes through our byte tokenizer (train.py), or through the
+folder's tokenizer.json when there is one (needs `pip install tokenizers`); --prompt-ids takes
+token ids and works with any checkpoint. The text goes to stdout, the speed line to stderr.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+from safetensors import SafetensorError
+
+from model import CheckpointError, Transformer
+from train import EOT, decode, encode, fim_prompt
+
+DEFAULT_PROMPT = "def fibonacci(n):\n"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fim_end|>
+
+
+# -------------------------------------------------------------------------- command line
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def number(kind, ok, what):
+    """argparse type: kind(s), rejected with a one-line message unless ok(value)."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+    return parse
+
+
+positive_int = number(int, lambda v: v > 0, "a positive integer")
+count = number(int, lambda v: v >= 0, "an integer >= 0")
+nonnegative = number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; one line says enough
+        die(f"{message} (see python infer.py --help)")
+
+
+def get_parser():
+    p = Parser(description="Generate with a DeepSeek-V3 checkpoint; see the docstring of infer.py for examples.")
+    add = p.add_argument
+    add("--ckpt", default="out", help="checkpoint folder in the published layout (default: out, what train.py writes)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help=f"text to complete (default: {DEFAULT_PROMPT!r})")
+    prompt.add_argument("--prompt-file", help="read the text to complete from this UTF-8 file")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 100,2,35; needs no tokenizer")
+    add("--fim-prefix", help="fill in the middle (§3.1, PSM): the text before the hole")
+    add("--fim-suffix", help="fill in the middle: the text after the hole")
+    add("--max-new-tokens", type=positive_int, default=256, help="tokens to generate (default: 256)")
+    add("--temperature", type=nonnegative, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    add("--top-p", type=probability, default=0.95,
+        help="nucleus sampling: keep the smallest set of tokens reaching this probability (default: 0.95)")
+    add("--top-k", type=count, default=0, help="sample among the k most likely tokens, 0 = all (default: 0)")
+    add("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
+    add("--speculative", action="store_true",
+        help="MTP speculative decoding (§2.2): the same greedy output, the same sampling distribution")
+    add("--bench", action="store_true", help="time plain and speculative greedy decoding of the prompt "
+        "(batch 1, sampling flags ignored) and check that their outputs agree")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    add("--dtype", choices=list(DTYPES), help="weights and compute; fp8 keeps FP8 weights with bfloat16 compute "
+        "(default: bfloat16 on cuda, float32 on cpu)")
+    add("--compile", action="store_true", help="torch.compile each block (the first tokens wait for the compiler)")
+    return p
+
+
+def parse_args(argv=None):
+    a = get_parser().parse_args(argv)
+    fim = a.fim_prefix is not None or a.fim_suffix is not None
+    if fim and (a.prompt, a.prompt_file, a.prompt_ids) != (None, None, None):
+        die("--fim-prefix/--fim-suffix replace the prompt; drop --prompt, --prompt-file or --prompt-ids")
+    if fim and not (a.fim_prefix or a.fim_suffix):
+        die("--fim-prefix and --fim-suffix are both empty; give the text around the hole")
+    a.fim = fim
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        die(f"--device {a.device}: not a device name; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {a.device}: no CUDA GPU is visible; use --device cpu")
+    a.device = device
+    a.dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return a
+
+
+# -------------------------------------------------------------------------- checkpoint, tokenizer, prompt
+def load_model(a):
+    try:
+        return Transformer.from_pretrained(a.ckpt, device=a.device, dtype=DTYPES[a.dtype])
+    except CheckpointError as e:
+        die(" ".join(str(e).split()))
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # e.g. a torn index or tensor data
+        die(f"cannot load the checkpoint in {a.ckpt}: {' '.join(str(e).split())}; "
+            "re-save it or point --ckpt at another folder")
+
+
+def load_tokenizer(ckpt, vocab_size):
+    """-> (encode, decode, None), or (None, None, why) when only --prompt-ids can be used."""
+    path = os.path.join(ckpt, "tokenizer.json")
+    if os.path.exists(path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            return None, None, f"{path} needs the tokenizers package: pip install tokenizers (or pass --prompt-ids)"
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as e:  # the package raises plain Exceptions for malformed files
+            die(f"cannot read {path}: {' '.join(str(e).split())}; replace it or pass --prompt-ids")
+        return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(ids, skip_special_tokens=False)), None
+    if vocab_size != BYTE_VOCAB:
+        return None, None, (f"{ckpt} has no tokenizer.json and a vocabulary of {vocab_size}, not the byte "
+                            f"tokenizer's {BYTE_VOCAB}; add the checkpoint's tokenizer.json or pass --prompt-ids")
+    return encode, decode, None
+
+
+def prompt_ids(a, enc, dec, why, vocab_size):
+    """-> (ids, text to echo): given ids, a FIM prompt in training's PSM format (echo the text
+    before the hole), or text."""
+    if a.prompt_ids is not None:
+        try:
+            ids = [int(s) for s in a.prompt_ids.split(",") if s.strip()]
+        except ValueError:
+            die(f"--prompt-ids {a.prompt_ids!r}: expected comma-separated integers, e.g. 100,2,35")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            die(f"--prompt-ids: {bad[0]} is not a token id of this checkpoint (0 to {vocab_size - 1})")
+        if not ids:
+            die("--prompt-ids is empty; give at least one token id")
+        return ids, dec(ids) if dec else ""
+    if enc is None:
+        die(why)
+    if a.fim:
+        if enc is not encode:
+            die("--fim-prefix/--fim-suffix use the byte tokenizer's FIM tokens; this checkpoint has its own tokenizer")
+        return fim_prompt(a.fim_prefix or "", a.fim_suffix or ""), a.fim_prefix or ""
+    text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
+    if a.prompt_file is not None:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"--prompt-file {a.prompt_file}: {getattr(e, 'strerror', None) or e}; give a readable UTF-8 text file")
+    if not text:
+        die("the prompt is empty; give some text with --prompt or --prompt-file")
+    return enc(text), text
+
+
+# -------------------------------------------------------------------------- streaming, timing
+class Printer:
+    """Streams generated text. Each call decodes the ids since the last clean cut and prints what
+    is new, holding back a trailing U+FFFD: the bytes of one character can arrive in different
+    steps (the usual incremental detokenization; decoding from one token back keeps the
+    spaces that some tokenizers attach to a token's start). Output stops at `stop`."""
+
+    def __init__(self, decode, stop=None):
+        self.decode, self.stop, self.start, self.read, self.last = decode, stop, 0, 0, "\n"
+
+    def write(self, text):
+        if text:
+            print(text, end="", flush=True)
+            self.last = text[-1]
+
+    def __call__(self, ids, final=False):
+        if self.stop in ids:
+            ids, final = ids[:ids.index(self.stop)], True
+        seen, text = self.decode(ids[self.start:self.read]), self.decode(ids[self.start:])
+        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
+            self.write(text[len(seen):])
+            self.start, self.read = self.read, len(ids)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None):
+    """-> (new ids, prefill seconds, decode seconds, stats). The prefill ends at generate's first
+    callback (the prompt's forward and the first new token); the decode is the rest."""
+    marks, stats, T0 = [], {}, len(ids)
+
+    def callback(out, lengths):
+        if not marks:
+            synchronize(a.device)
+            marks.append(time.perf_counter())
+        if show is not None:
+            show(out[0, T0:int(lengths[0])].tolist())
+
+    tokens = torch.tensor([ids], device=a.device)
+    synchronize(a.device)
+    t0 = time.perf_counter()
+    out = model.generate(tokens, max_new_tokens, temperature, a.top_p, a.top_k,
+                         speculative=speculative, callback=callback, stats=stats)
+    synchronize(a.device)
+    return out[0, T0:].tolist(), marks[0] - t0, time.perf_counter() - marks[0], stats
+
+
+def rate(n, seconds):
+    return f"{n / seconds:.1f} tokens/s" if n > 0 and seconds > 0 else "n/a"
+
+
+def acceptance(stats):
+    return f"{stats['accepted'] / max(stats['drafted'], 1):.1%}"
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB CUDA allocated"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "n/a"
+    kib = 1 / 1024 if sys.platform == "darwin" else 1  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024:,.0f} MiB peak RSS"
+
+
+def bench(model, ids, a):
+    """Plain and speculative greedy decoding of the same prompt after one short warm-up each."""
+    for spec in (False, True):
+        timed_generate(model, ids, a, min(a.max_new_tokens, 16), 0.0, spec)
+    runs = {name: timed_generate(model, ids, a, a.max_new_tokens, 0.0, spec)
+            for name, spec in (("plain", False), ("speculative", True))}
+    speed = {name: (a.max_new_tokens - 1) / r[2] for name, r in runs.items()}
+    print(f"bench: {a.device} {a.dtype}, batch 1, prompt {len(ids)} tokens, {a.max_new_tokens} new tokens, greedy")
+    print(f"{'decoding':<12} {'decode tokens/s':>15} {'speedup':>8} {'MTP acceptance':>15}")
+    for name, r in runs.items():
+        accepted = acceptance(r[3]) if r[3] else "-"
+        print(f"{name:<12} {speed[name]:>15.1f} {speed[name] / speed['plain']:>7.2f}x {accepted:>15}")
+    plain, spec = runs["plain"][0], runs["speculative"][0]
+    if plain == spec:
+        print(f"outputs identical: yes ({len(plain)} tokens)")
+    else:
+        first = next(i for i, (x, y) in enumerate(zip(plain, spec)) if x != y)
+        print(f"outputs identical: NO, they differ from new token {first} on (near-tied logits "
+              f"in {a.dtype} can flip an argmax; in float32 this is a bug)")
+
+
+# -------------------------------------------------------------------------- main
+def main(argv=None):
+    a = parse_args(argv)
+    model = load_model(a)
+    margs = model.args
+    if (a.speculative or a.bench) and not margs.n_mtp:
+        die(f"{'--bench' if a.bench else '--speculative'} needs an MTP module and {a.ckpt} has none "
+            "(num_nextn_predict_layers is 0 or its layer is missing); drop the flag")
+    enc, dec, why = load_tokenizer(a.ckpt, margs.vocab_size)
+    ids, echo = prompt_ids(a, enc, dec, why, margs.vocab_size)
+    room = margs.max_seq_len - (a.speculative or a.bench) - len(ids)  # verification looks ahead one
+    if room < 1:
+        die(f"the prompt has {len(ids)} tokens and the context is {margs.max_seq_len}; shorten the prompt")
+    if a.max_new_tokens > room:
+        die(f"the prompt ({len(ids)} tokens) + --max-new-tokens {a.max_new_tokens} exceed the context of "
+            f"{margs.max_seq_len}; use --max-new-tokens {room} or less")
+    if a.compile:
+        for block in [*model.layers, *(m.block for m in model.mtp)]:
+            block.compile(dynamic=True)
+    torch.manual_seed(a.seed)
+    if a.bench:
+        if a.max_new_tokens < 2:
+            die("--bench times the tokens after the first; use --max-new-tokens 2 or more")
+        return bench(model, ids, a)
+
+    printer = Printer(dec or (lambda ids: ",".join(map(str, ids))), stop=EOT if a.fim else None)
+    printer.write(echo)
+    new, prefill_s, decode_s, stats = timed_generate(model, ids, a, a.max_new_tokens, a.temperature,
+                                                     a.speculative, show=printer)
+    printer(new, final=True)
+    if a.fim:
+        printer.write(a.fim_suffix or "")
+    if printer.last != "\n":
+        printer.write("\n")
+    line = [f"prompt {len(ids)} tokens", f"new {len(new)} tokens", f"prefill {rate(len(ids), prefill_s)}",
+            f"decode {rate(len(new) - 1, decode_s)}"]
+    if a.speculative:
+        line.append(f"MTP acceptance {acceptance(stats)}")
+    print(" | ".join(line + [peak_memory(a.device)]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
