@@ -540,3 +540,27 @@ def test_fp8_training_model_tracks_full_precision():
     ga = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     gb = torch.cat([p.grad.flatten() for p in fp8.parameters() if p.grad is not None])
     assert rel(gb, ga) < 0.15  # ~3.6% per GEMM, compounded through 4 blocks (bf16: 0.4%)
+
+
+# ---------------------------------------------------------------------------- independent implementation
+
+@pytest.mark.parametrize("variant", [dict(), dict(q_lora_rank=0, rope_factor=4.0, original_seq_len=16)])
+def test_logits_equal_hugging_face_transformers(tmp_path, variant):
+    """Both directions through the published layout: our checkpoint in HF's DeepseekV3ForCausalLM,
+    theirs back in ours. Runs where `transformers` is installed (not a requirement)."""
+    transformers = pytest.importorskip("transformers")
+    model = random_model(n_mtp=0, **variant)
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert rel(model(tokens), theirs) < 1e-5
+    prompt = tokens[:1, :8]
+    with torch.no_grad():
+        hf_greedy = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                pad_token_id=0, min_new_tokens=20)
+    assert torch.equal(model.generate(prompt, 20), hf_greedy)
+    hf.save_pretrained(tmp_path / "hf")
+    back = Transformer.from_pretrained(tmp_path / "hf")
+    assert rel(back(tokens), theirs) < 1e-5
