@@ -177,9 +177,10 @@ class ModelArgs:
 PRESETS = {
     # ~7M parameters (3M active): trains on a 2-core laptop CPU in minutes. init_std is the
     # paper's 0.006 scaled by sqrt(7168 / 256), keeping the initial activation scale of V3.
-    "tiny": dict(init_std=0.006 * math.sqrt(7168 / 256), max_seq_len=1024),
-    # ~0.4B parameters (~0.1B active): one GPU.
-    "small": dict(dim=1024, inter_dim=2816, n_layers=12, n_heads=16, q_lora_rank=384,
+    # γ = 0.01 rather than 0.001: a run of 1,000 steps must balance within tens of steps.
+    "tiny": dict(init_std=0.006 * math.sqrt(7168 / 256), max_seq_len=1024, bias_update_speed=0.01),
+    # ~0.5B parameters (~0.13B active): one GPU.
+    "small": dict(bias_update_speed=0.003, dim=1024, inter_dim=2816, n_layers=12, n_heads=16, q_lora_rank=384,
                   kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                   moe_inter_dim=384, n_routed_experts=32, n_activated_experts=6,
                   n_expert_groups=4, n_limited_groups=2, max_seq_len=2048,
@@ -253,15 +254,21 @@ FP8_MAX = 448.0                       # largest finite e4m3 value
 FP8_BLOCK = 128                       # N_C = 128: 1x128 activation tiles, 128x128 weight blocks
 
 
+def _tiles(x, block):
+    """(..., M, K) -> zero-padded view (..., Mb, bm, Kb, bk) of (bm, bk) tiles."""
+    (M, K), (bm, bk) = x.shape[-2:], block
+    if M % bm or K % bk:
+        x = F.pad(x, (0, -K % bk, 0, -M % bm))
+    return x.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bm))
+
+
 def fp8_quantize(x, block=(1, FP8_BLOCK), pow2=False):
     """Quantize the last two dims (M, K) of x in (bm, bk) tiles -> (q e4m3 (..., M, K),
     scale float32 (..., ceil(M/bm), ceil(K/bk))), x ~= q * scale. Edge tiles are partial; an
     all-zero tile gets a tiny scale, not a division by zero. pow2 rounds scales up to powers
     of two (the ue8m0 format of later DeepSeek releases)."""
-    *batch, M, K = x.shape
-    bm, bk = block
-    xp = F.pad(x.float(), (0, -K % bk, 0, -M % bm))
-    tiles = xp.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bm))           # (..., Mb, bm, Kb, bk)
+    M, K = x.shape[-2:]
+    tiles = _tiles(x.float(), block)                                     # (..., Mb, bm, Kb, bk)
     scale = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX    # (..., Mb, Kb)
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
@@ -271,8 +278,8 @@ def fp8_quantize(x, block=(1, FP8_BLOCK), pow2=False):
 
 def fp8_dequantize(q, scale, block=(FP8_BLOCK, FP8_BLOCK), dtype=torch.float32):
     M, K = q.shape[-2:]
-    s = scale.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :M, :K]
-    return (q.to(torch.float32) * s).to(dtype)
+    x = _tiles(q.to(torch.float32), block) * scale[..., :, None, :, None]
+    return x.flatten(-4, -3).flatten(-2)[..., :M, :K].to(dtype)
 
 
 def fp8_real_available(device):
@@ -541,14 +548,16 @@ class Experts(nn.Module):
         return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
 
     def _grouped(self, xs, counts):
-        """torch's grouped GEMM (CUDA): one kernel over the variable-sized expert segments."""
+        """torch's grouped GEMM: one call over the variable-sized expert segments of xs (N*K, D)."""
         offs = counts.cumsum(0).to(torch.int32)
-        h = F.silu(F.grouped_mm(xs, self.w1.mT, offs=offs)) * F.grouped_mm(xs, self.w3.mT, offs=offs)
-        return F.grouped_mm(h, self.w2.mT, offs=offs)
+        dt = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        mm = lambda t, w: F.grouped_mm(t.to(dt), w.to(dt).mT, offs=offs)   # autocast skips grouped_mm
+        return mm(F.silu(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
 
     def _padded(self, buf):
-        """Fallback (CPU, FP8): experts' inputs padded to the largest count, (E, cap, D), and
-        batched matmuls; on CPU this is faster than grouped_mm. Costs E * cap - N*K idle rows."""
+        """CPU and FP8 path: experts' inputs padded to the largest count, (E, cap, D), and batched
+        matmuls (on CPU faster than torch's grouped_mm, which loops over groups). Costs
+        E * cap - N*K idle rows when the load is uneven."""
         mm = lambda t, name: expert_matmul(t, getattr(self, name), getattr(self, name + "_scale"),
                                            self.fp8 and torch.is_grad_enabled())
         return mm(F.silu(mm(buf, "w1")) * mm(buf, "w3"), "w2")

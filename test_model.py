@@ -1,14 +1,37 @@
 """Tests: CPU, float32, seeded. Each compares against something independent: a float64 or
-plain-loop reference written here, the other code path, a hand-computed value, or the paper."""
+plain-loop reference written here, the other code path, a hand-computed value, or the paper.
+Sections: model (attention, cache, YaRN, gate, MoE, checkpoints, generation, FP8, HF parity),
+train.py (tokenizer, FIM, packing, schedule, CLI, resume), infer.py (CLI, streaming, errors)."""
+import argparse
+import contextlib
 import json
 import math
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+import infer
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting,
                    fp8_dequantize, fp8_quantize, hf_name, precompute_freqs_cis, probs)
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, atomic_write, decode, encode, epoch_stream,
+                   evaluate, fim_prompt, fim_split, load_documents, main, schedule, val_batches)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread, and far slower with two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_args(**kw):
@@ -564,3 +587,480 @@ def test_logits_equal_hugging_face_transformers(tmp_path, variant):
     hf.save_pretrained(tmp_path / "hf")
     back = Transformer.from_pretrained(tmp_path / "hf")
     assert rel(back(tokens), theirs) < 1e-5
+
+
+# ============================================================================ train.py
+
+ROOT = Path(__file__).resolve().parent
+FAST = ["--seq-len", "32", "--batch-size", "2", "--dtype", "float32", "--eval-batches", "1", "--sample-bytes", "0"]
+
+
+def random_docs(n, seed=0, max_len=300):
+    rng = random.Random(seed)
+    return [torch.tensor([rng.randrange(256) for _ in range(rng.randint(1, max_len))], dtype=torch.int16) for _ in range(n)]
+
+
+def unfim(segment):
+    """Undo the PSM rearrangement of one document segment (independent of train.py's code)."""
+    s = segment.tolist()
+    if not s or s[0] != FIM_BEGIN:
+        return s
+    hole, end = s.index(FIM_HOLE), s.index(FIM_END)
+    return s[1:hole] + s[end + 1:] + s[hole + 1:end]  # prefix + middle + suffix
+
+
+def segments(tokens):
+    """Split a token sequence at <|endoftext|>; the pieces between separators."""
+    cuts = (tokens == EOT).nonzero().flatten().tolist()
+    return [tokens[i + 1:j] for i, j in zip(cuts, cuts[1:])]
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+def test_encode_decode_roundtrip():
+    s = "def f(x):\n    return 'd\u00e9j\u00e0 \u20ac \U0001f40d'\n"
+    assert decode(encode(s)) == s
+    assert encode(s) == encode(s.encode("utf-8")) and max(encode(s)) < 256
+    assert encode("<|endoftext|>") == list(b"<|endoftext|>")  # text never produces specials
+    assert decode([*encode("a"), EOT, 0xFF, *encode("b")]) == "a<|endoftext|>\ufffdb"
+
+
+def test_fim_prompt_is_psm():
+    assert fim_prompt("ab", b"c") == [FIM_BEGIN, ord("a"), ord("b"), FIM_HOLE, ord("c"), FIM_END]
+
+
+# ------------------------------------------------------------------------------------- FIM, packing
+def test_fim_split_reassembles_document():
+    rng = random.Random(0)
+    for doc in random_docs(200):
+        prefix, middle, suffix = fim_split(doc, rng)
+        assert torch.equal(torch.cat([prefix, middle, suffix]), doc)
+
+
+def test_epoch_stream_fires_fim_at_ten_percent_and_keeps_every_document():
+    docs = random_docs(3000, max_len=40)
+    stream = epoch_stream(docs, random.Random("0:0"))
+    n_fim = int((stream == FIM_BEGIN).sum())
+    assert abs(n_fim - 300) < 5 * math.sqrt(3000 * 0.1 * 0.9)  # binomial(3000, 0.1), 5 sigma
+    assert sorted(unfim(s) for s in segments(stream)) == sorted(d.tolist() for d in docs)
+
+
+def test_epoch_stream_depends_only_on_seed_and_epoch():
+    docs = random_docs(100)
+    a, b, c = (epoch_stream(docs, random.Random(s)) for s in ("0:0", "0:0", "0:1"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_packing_makes_every_token_a_target_exactly_once():
+    docs = random_docs(60)
+    batches = Batches(docs, seq_len=16, batch_size=3, seed=1)
+    xs, ys = [], []
+    while True:
+        x, y = next(batches)
+        if batches.epoch == 1:
+            break
+        xs.append(x), ys.append(y)
+        order, n_rows = batches.order, len(batches.order)  # of epoch 0
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert len(x) == n_rows and sorted(order) == list(range(n_rows))
+    rank = sorted(range(n_rows), key=lambda k: order[k])  # back to stream order
+    x, y = x[rank].flatten(), y[rank].flatten()
+    valid = y >= 0
+    assert torch.equal(x[1:][valid[:-1]], y[:-1][valid[:-1]])  # inputs are the targets shifted by one
+    targets = torch.cat([torch.tensor([EOT]), y[valid]])
+    assert sorted(unfim(s) for s in segments(targets)) == sorted(d.tolist() for d in docs)
+
+
+# ------------------------------------------------------------------------------------- split, eval, schedule
+def test_validation_split_is_by_file_and_stable(tmp_path):
+    for i in range(400):
+        (tmp_path / "a" / f"d{i % 7}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "a" / f"d{i % 7}" / f"f{i}.txt").write_text(f"file {i}\n")
+    (tmp_path / "a" / "blob.bin").write_bytes(b"\0\1\2")  # binary files are skipped
+    os.rename(tmp_path / "a", tmp_path / "b")  # the split hashes relative paths: moving keeps it
+    train, val = load_documents(str(tmp_path / "b"))
+    train, val = {bytes(d.tolist()) for d in train}, {bytes(d.tolist()) for d in val}
+    assert len(train) + len(val) == 400 and not train & val
+    assert 2 <= len(val) <= 25  # ~2.5% of 400 files
+    (tmp_path / "b" / "c").mkdir()
+    os.rename(tmp_path / "b" / "d0", tmp_path / "b" / "c" / "d0")  # a renamed path may switch sides, others not
+    _, val2 = load_documents(str(tmp_path / "b"))
+    moved = {f"file {i}\n".encode() for i in range(0, 400, 7)}
+    assert {bytes(d.tolist()) for d in val2} - moved == val - moved
+
+
+def test_single_file_holds_out_its_tail(tmp_path):
+    (tmp_path / "one.txt").write_text("x" * 1000)
+    train, val = load_documents(str(tmp_path / "one.txt"))
+    assert len(train) == len(val) == 1 and len(val[0]) == 25 and len(train[0]) == 975
+
+
+class FixedLogits(torch.nn.Module):
+    def forward(self, x):  # every position: logit c on <|endoftext|>, 0 elsewhere
+        logits = torch.zeros(*x.shape, 260)
+        logits[..., EOT] = 3.0
+        return logits
+
+
+def test_validation_loss_counts_byte_targets_only():
+    val = val_batches(random_docs(10, max_len=50), seq_len=16, batch_size=2, n_batches=3)
+    loss = evaluate(FixedLogits(), val, "cpu", contextlib.nullcontext())
+    assert loss == pytest.approx(math.log(259 + math.exp(3.0)), rel=1e-6)  # an EOT target would cost less
+
+
+def test_lr_schedule_warmup_constant_cosine_and_mtp_weight():
+    a = argparse.Namespace(lr=1.0, min_lr_frac=0.1, warmup_steps=10, decay_start=0.5, max_steps=100,
+                           mtp_weight=0.3, mtp_weight_late=0.1)
+    lrs, weights = zip(*(schedule(s, a) for s in range(100)))
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and set(lrs[10:51]) == {1.0}
+    assert all(x >= y for x, y in zip(lrs[50:], lrs[51:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lrs[75] == pytest.approx(0.55)  # halfway down the cosine
+    assert set(weights[:50]) == {0.3} and set(weights[50:]) == {0.1}
+
+
+def test_atomic_write_keeps_previous_file_when_killed(tmp_path):
+    path = str(tmp_path / "state.json")
+    atomic_write(path, lambda p: Path(p).write_text("old"))
+
+    def killed(p):
+        Path(p).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, killed)
+    assert Path(path).read_text() == "old"
+
+
+# ------------------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    for i in range(12):
+        (d / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n")  # ~3 steps an epoch
+    return d
+
+
+BAD = {  # flags -> a word the one-line error must contain
+    "missing data": (["--data", "/no/such/folder"], "no such file"),
+    "empty data": (["--data", "{empty}"], "no text"),
+    "unknown preset": (["--preset", "huge"], "huge"),
+    "zero batch": (["--batch-size", "0"], "--batch-size"),
+    "negative seq len": (["--seq-len", "-1"], "--seq-len"),
+    "seq len over context": (["--seq-len", "100000"], "--seq-len"),
+    "zero steps": (["--max-steps", "0"], "--max-steps"),
+    "not a number": (["--lr", "fast"], "--lr"),
+    "bad dtype": (["--dtype", "float64"], "--dtype"),
+    "unwritable out": (["--out", "{file}/sub"], "--out"),
+    "resume without checkpoint": (["--resume", "--out", "{empty}"], "--resume"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_gives_one_line_error(case, data_dir, tmp_path, capsys):
+    # in-process for speed (each fails before a model is built); the CLI test below runs the script
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    flags, word = BAD[case]
+    flags = [f.format(empty=tmp_path / "empty", file=tmp_path / "file") for f in flags]
+    with pytest.raises(SystemExit) as exit:
+        main([*FAST, "--data", str(data_dir), "--out", str(tmp_path / "out"), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code != 0 and len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0].lower()
+
+
+def test_dry_run_accounts_deepseek_v3_without_building_it(capsys):
+    main(["--dry-run", "--preset", "deepseek-v3"])
+    out = capsys.readouterr().out
+    assert "671B main model (37.55B active" in out  # paper §1: 671B total, 37B activated
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})  # they run side by side
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """Subprocess runs: 6 steps straight; 3 steps (--stop-at) and that one resumed to 6; a diverging
+    run (NaN loss); a bad flag."""
+    tmp = tmp_path_factory.mktemp("runs")
+    flags = [*FAST, "--data", str(data_dir), "--max-steps", "6", "--grad-accum", "2", "--warmup-steps", "2",
+             "--eval-interval", "3", "--save-interval", "3", "--decay-start", "0.5"]
+    procs = dict(straight=start(*flags, "--out", str(tmp / "straight"), "--sample-bytes", "8"),
+                 nan=start(*flags, "--out", str(tmp / "nan"), "--lr", "1e30", "--save-interval", "1"),
+                 bad_flag=start("--batch-size", "many"))
+    results = dict(first=finish(start(*flags, "--out", str(tmp / "split"), "--stop-at", "3")))
+    results["resumed"] = finish(start("--resume", "--out", str(tmp / "split")))  # other flags from the checkpoint
+    return tmp, {**results, **{k: finish(p) for k, p in procs.items()}}
+
+
+def test_cli_errors_are_one_line_without_traceback(runs):
+    tmp, results = runs
+    for name in ("nan", "bad_flag"):
+        rc, _, err = results[name]
+        assert rc != 0 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "not finite" in results["nan"][2] and "--batch-size" in results["bad_flag"][2]
+    state = json.loads((tmp / "nan" / "train_state.json").read_text())  # the last good checkpoint stays
+    assert f"keeps the checkpoint of step {state['step']}" in results["nan"][2]
+
+
+def test_short_run_writes_metrics_and_checkpoint(runs):
+    tmp, results = runs
+    rc, out, err = results["straight"]
+    assert rc == 0, err
+    lines = [json.loads(line) for line in (tmp / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    keys = {"step", "loss", "ce", "mtp_loss", "balance_loss", "lr", "tokens_per_s", "maxvio_mean", "maxvio_max"}
+    assert all(keys <= r.keys() and all(math.isfinite(r[k]) for k in keys) for r in lines)
+    assert [r["step"] for r in lines if "val_loss" in r] == [3, 6]
+    assert all(r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2)) for r in lines if "val_loss" in r)
+    assert lines[0]["mtp_loss"] > 0 and lines[2]["mtp_weight"] == 0.3 and lines[3]["mtp_weight"] == 0.1
+    assert lines[-1]["epoch"] >= 1  # the run crossed an epoch boundary
+    for name in ("config.json", "model.safetensors", "train_state.safetensors", "train_state.json"):
+        assert (tmp / "straight" / name).exists()
+    assert json.loads((tmp / "straight" / "train_state.json").read_text())["step"] == 6
+    assert "greedy sample" in out
+
+
+def test_resume_is_bit_exact(runs):
+    tmp, results = runs
+    for name in ("straight", "first", "resumed"):
+        assert results[name][0] == 0, results[name][2]
+    a, b = (load_file(tmp / run / "train_state.safetensors") for run in ("straight", "split"))
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # weights, routing biases, AdamW moments, RNG
+    a, b = (load_file(tmp / run / "model.safetensors") for run in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = ((tmp / run / "metrics.jsonl").read_text().splitlines() for run in ("straight", "split"))
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+    assert [strip(x) for x in a] == [strip(x) for x in b]
+
+
+def test_bias_updates_lower_maxvio_and_mtp_loss_falls(data_dir, tmp_path, capsys):
+    """Same seed, same data: the aux-loss-free bias update (§2.1.2) balances the experts."""
+    common = [*FAST, "--seq-len", "64", "--batch-size", "4", "--data", str(data_dir), "--max-steps", "40",
+              "--eval-interval", "40"]
+    runs = {}
+    for name, extra in (("on", ["--bias-update-speed", "0.02"]), ("off", ["--no-bias-update"])):
+        main([*common, "--out", str(tmp_path / name), *extra])
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    late = {k: sum(r["maxvio_mean"] for r in v[-10:]) / 10 for k, v in runs.items()}
+    assert late["on"] < 0.6 * late["off"], late
+    mtp = [r["mtp_loss"] for r in runs["on"]]
+    assert sum(mtp[-5:]) / 5 < 0.6 * sum(mtp[:5]) / 5
+
+
+# ============================================================================ infer.py
+
+SUMMARY = re.compile(r"prompt (\d+) tokens \| new (\d+) tokens \| prefill [\d.]+ tokens/s \| decode [\d.]+ tokens/s")
+TINY = dict(n_layers=2, dim=64, inter_dim=128, n_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16, moe_inter_dim=32, n_routed_experts=8, n_activated_experts=2,
+            n_expert_groups=2, n_limited_groups=1, max_seq_len=300)
+
+
+def save_tiny(path, **kw):
+    torch.manual_seed(0)
+    Transformer(ModelArgs.from_preset("tiny", **{**TINY, **kw})).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "out")  # vocab 260: the byte tokenizer's
+
+
+@pytest.fixture(scope="module")
+def ckpt_no_mtp(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("no_mtp"), n_mtp=0)
+
+
+def run_main(capsys, *argv):
+    """infer.main in this process -> (exit code, stdout, stderr)."""
+    try:
+        infer.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_script(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, argv)], cwd=cwd, timeout=120,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# ------------------------------------------------------------------------------------- runs
+def test_no_arguments_completes_default_prompt_from_out(ckpt):
+    r = run_script(cwd=Path(ckpt).parent)  # the folder holding out/
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(infer.DEFAULT_PROMPT)
+    m = SUMMARY.search(r.stderr)
+    assert m and int(m[1]) == len(encode(infer.DEFAULT_PROMPT)) and int(m[2]) == 256
+    assert "peak RSS" in r.stderr
+
+
+def test_speculative_reports_acceptance_rate(capsys, ckpt):
+    code, out, err = run_main(capsys, "--ckpt", ckpt, "--speculative", "--max-new-tokens", 12, "--prompt", "x = ")
+    assert code == 0 and out.startswith("x = ")
+    assert SUMMARY.search(err) and re.search(r"MTP acceptance \d+\.\d%", err)
+
+
+def test_greedy_speculative_prints_the_same_text_as_plain(capsys, ckpt):
+    common = ["--ckpt", ckpt, "--temperature", 0, "--max-new-tokens", 40]
+    plain, spec = run_main(capsys, *common), run_main(capsys, *common, "--speculative")
+    assert plain[0] == spec[0] == 0 and plain[1] == spec[1]
+
+
+def test_sampling_is_reproducible_with_a_seed(capsys, ckpt):
+    runs = [run_main(capsys, "--ckpt", ckpt, "--seed", s, "--max-new-tokens", 30)[1] for s in (3, 3, 4)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_bench_reports_speeds_and_identical_outputs(capsys, ckpt):
+    code, out, err = run_main(capsys, "--ckpt", ckpt, "--bench", "--max-new-tokens", 24)
+    assert code == 0, err
+    assert re.search(r"^plain\s+[\d.]+\s+1\.00x\s+-$", out, re.M)
+    assert re.search(r"^speculative\s+[\d.]+\s+[\d.]+x\s+\d+\.\d%$", out, re.M)
+    assert "outputs identical: yes (24 tokens)" in out
+
+
+# ------------------------------------------------------------------------------------- prompts
+def test_fim_prompt_is_the_psm_format_of_training():
+    a = infer.parse_args(["--fim-prefix", "def f(", "--fim-suffix", "):\n    pass\n"])
+    ids, echo = infer.prompt_ids(a, encode, infer.decode, None, 260)
+    assert ids == [257, *b"def f(", 258, *b"):\n    pass\n", 259]  # <|fim_begin|> P <|fim_hole|> S <|fim_end|>
+    assert echo == "def f("
+
+
+def test_fim_run_prints_prefix_middle_suffix(capsys, ckpt):
+    code, out, err = run_main(capsys, "--ckpt", ckpt, "--fim-prefix", "a = ", "--fim-suffix", "\nb = a\n",
+                              "--max-new-tokens", 8)
+    assert code == 0 and out.startswith("a = ") and out.endswith("\nb = a\n")
+    assert int(SUMMARY.search(err)[1]) == len("a = \nb = a\n") + 3
+
+
+def test_prompt_ids_are_echoed_as_text_with_the_byte_tokenizer(capsys, ckpt):
+    code, out, _ = run_main(capsys, "--ckpt", ckpt, "--prompt-ids", "104,105,256", "--max-new-tokens", 3)
+    assert code == 0 and out.startswith("hi<|endoftext|>")
+
+
+def test_prompt_ids_work_for_a_checkpoint_without_tokenizer(capsys, tmp_path):
+    path = save_tiny(tmp_path, vocab_size=300)  # not the byte tokenizer's vocabulary
+    code, out, _ = run_main(capsys, "--ckpt", path, "--prompt-ids", "1, 2,299", "--max-new-tokens", 6)
+    assert code == 0 and len(out.strip().split(",")) == 6
+    assert all(0 <= int(i) < 300 for i in out.strip().split(","))
+    code, _, err = run_main(capsys, "--ckpt", path, "--prompt", "hi")
+    assert code != 0 and "--prompt-ids" in err
+
+
+def collect_prints(monkeypatch):
+    shown = []
+    monkeypatch.setattr("builtins.print", lambda text, **kw: shown.append(text))
+    return shown
+
+
+def test_stream_prints_only_whole_utf8_characters(monkeypatch):
+    shown, text = collect_prints(monkeypatch), "é€🐍 ok"
+    printer, ids = infer.Printer(infer.decode), encode(text)
+    for n in range(1, len(ids) + 1):  # one byte per step
+        printer(ids[:n])
+        assert text.startswith("".join(shown)) and "\ufffd" not in "".join(shown)
+    printer(ids, final=True)
+    assert "".join(shown) == text
+
+
+def test_stream_stops_at_endoftext(monkeypatch):
+    shown, printer = collect_prints(monkeypatch), infer.Printer(infer.decode, stop=256)
+    for ids in ([104], [104, 105], [104, 105, 256], [104, 105, 256, 106]):
+        printer(ids)
+    printer([104, 105, 256, 106, 107], final=True)
+    assert "".join(shown) == "hi"
+
+
+def test_checkpoint_tokenizer_json_is_used(capsys, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(["def fibonacci(n):\n    return n\n"] * 20, tokenizers.trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    path = save_tiny(tmp_path, vocab_size=tok.get_vocab_size())
+    tok.save(os.path.join(path, "tokenizer.json"))
+    code, out, err = run_main(capsys, "--ckpt", path, "--prompt", "def fib", "--max-new-tokens", 5)
+    assert code == 0 and out.startswith("def fib")
+    assert int(SUMMARY.search(err)[1]) == len(tok.encode("def fib").ids)
+
+
+# ------------------------------------------------------------------------------------- errors
+def one_line_error(code, out, err):
+    assert code not in (0, None), "expected a non-zero exit"
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and out == ""
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, ckpt):
+    """Folders that are not loadable checkpoints, by name."""
+    root = tmp_path_factory.mktemp("broken")
+    for name in ("empty", "bad_config", "bad_weights", "torn_weights", "missing_tensor", "with_tokenizer"):
+        (root / name).mkdir()
+    src = Path(ckpt)
+    (root / "bad_config" / "config.json").write_text("{\"model_type\": \"deepseek_v3\"")
+    for name in ("bad_weights", "torn_weights", "missing_tensor", "with_tokenizer"):
+        (root / name / "config.json").write_text((src / "config.json").read_text())
+    weights = (src / "model.safetensors").read_bytes()
+    (root / "bad_weights" / "model.safetensors").write_bytes(b"not a safetensors file")
+    (root / "torn_weights" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    (root / "with_tokenizer" / "model.safetensors").write_bytes(weights)
+    (root / "with_tokenizer" / "tokenizer.json").write_text(json.dumps({"model": {}}))
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, root / "missing_tensor" / "model.safetensors")
+    return root
+
+
+@pytest.mark.parametrize("folder", ["nowhere", "empty", "bad_config", "bad_weights", "torn_weights", "missing_tensor"])
+def test_unloadable_checkpoint_is_one_line_error(capsys, broken, folder):
+    one_line_error(*run_main(capsys, "--ckpt", broken / folder))
+
+
+@pytest.mark.parametrize("flags", [
+    ["--prompt", ""],
+    ["--prompt", "x" * 400],                       # longer than the context (300)
+    ["--max-new-tokens", 290],                     # prompt + new tokens beyond the context
+    ["--max-new-tokens", 0], ["--max-new-tokens", -5], ["--max-new-tokens", "many"],
+    ["--top-p", 0], ["--top-p", 1.5], ["--temperature", -0.1], ["--top-k", -1],
+    ["--prompt-ids", "1,x"], ["--prompt-ids", "1,260"], ["--prompt-ids", ""],
+    ["--prompt-file", "/no/such/file.txt"], ["--bench", "--max-new-tokens", 1],
+    ["--prompt", "a", "--fim-prefix", "b"], ["--fim-prefix", "", "--fim-suffix", ""],
+    ["--device", "not-a-device"], ["--dtype", "int4"],
+], ids=lambda f: " ".join(map(str, f))[:40])
+def test_bad_input_is_one_line_error(capsys, ckpt, flags):
+    one_line_error(*run_main(capsys, "--ckpt", ckpt, *flags))
+
+
+def test_speculative_and_bench_without_mtp_are_one_line_errors(capsys, ckpt_no_mtp):
+    for flag in ("--speculative", "--bench"):
+        code, out, err = run_main(capsys, "--ckpt", ckpt_no_mtp, flag)
+        one_line_error(code, out, err)
+        assert "MTP" in err
+
+
+def test_tokenizer_json_without_the_package_is_one_line_error(capsys, broken, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails as if not installed
+    code, out, err = run_main(capsys, "--ckpt", broken / "with_tokenizer")
+    one_line_error(code, out, err)
+    assert "pip install tokenizers" in err and "--prompt-ids" in err
+
+
+@pytest.mark.parametrize("flags", [["--ckpt", "no/such/folder"], ["--top-p", "2"]])
+def test_script_errors_have_no_traceback(flags):
+    r = run_script(*flags)
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.stderr

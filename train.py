@@ -1,0 +1,507 @@
+"""
+Train DeepSeek-V3 on raw bytes: document packing, Fill-in-the-Middle, AdamW with a
+warmup-constant-cosine schedule, multi-token prediction and auxiliary-loss-free balancing.
+
+    python train.py                                   # tiny preset on CPU (small on GPU), ~12 min
+    python train.py --max-steps 30                    # smoke run
+    python train.py --resume                          # continue the run in out/, bit-exact on CPU
+    python train.py --data notes/ --out out_notes     # your own text: a file, a folder or a glob
+    python train.py --dry-run --preset deepseek-v3    # params, FLOPs, memory; builds nothing
+    python infer.py --prompt "def "                   # sample from out/
+
+Default data: the running Python's standard library (.py files; site-packages and tests left
+out). 2.5% of the files, picked by a hash of their path, are held out for validation. out/ gets
+config.json + model.safetensors (the published Hugging Face layout, what infer.py loads),
+metrics.jsonl (a line per step) and train_state.safetensors/.json (exact training state, no pickle).
+"""
+import argparse
+import contextlib
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from model import ModelArgs, Transformer, accounting
+
+DEFAULT_MAX_STEPS = 1000  # `python train.py`: about 13 minutes of the tiny preset on a 2-core CPU
+# Flags left unset take these per-preset values: the paper's run (§4.2: 15360 x 4096 tokens a
+# step, peak LR 2.2e-4) scaled down to what a CPU (tiny) or one GPU (small) can take.
+PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3),
+                   "small": dict(batch_size=32, seq_len=1024, lr=1e-3),
+                   "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4)}
+FIM_RATE = 0.1  # §3.1: 10% of the documents become Fill-in-the-Middle examples
+VAL_FRACTION = 0.025  # share of the files held out for validation
+# tests, and pydoc_data: generated English documentation (topics.py, 0.76 MB in one string)
+STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "pydoc_data"}
+SAMPLE_PROMPT = "def "
+
+# ------------------------------------------------------------------------------ byte tokenizer
+EOT, FIM_BEGIN, FIM_HOLE, FIM_END = 256, 257, 258, 259  # ids 0..255 are the bytes themselves
+SPECIALS = {EOT: "<|endoftext|>", FIM_BEGIN: "<|fim_begin|>", FIM_HOLE: "<|fim_hole|>", FIM_END: "<|fim_end|>"}
+
+
+def encode(text):
+    """str (as UTF-8) or bytes -> ids. A special's name inside the text stays plain bytes."""
+    return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+
+
+def decode(ids):
+    """ids -> str: bytes as UTF-8 (invalid sequences become U+FFFD), specials by name."""
+    out, run = [], bytearray()
+    for i in map(int, ids):
+        if 0 <= i < 256:
+            run.append(i)
+        else:
+            out += [run.decode("utf-8", errors="replace"), SPECIALS.get(i, f"<|{i}|>")]
+            run = bytearray()
+    return "".join(out) + run.decode("utf-8", errors="replace")
+
+
+def fim_prompt(prefix, suffix):
+    """PSM prompt (§3.1): the model continues with the middle, then <|endoftext|>."""
+    return [FIM_BEGIN, *encode(prefix), FIM_HOLE, *encode(suffix), FIM_END]
+
+
+# ------------------------------------------------------------------------------ data
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def find_files(data):
+    """--data (None: this Python's standard library) -> (root, sorted file paths)."""
+    if data is None:
+        root, suffix, skip = sysconfig.get_paths()["stdlib"], ".py", STDLIB_SKIP
+    elif os.path.isfile(data):
+        return os.path.dirname(os.path.abspath(data)), [data]
+    elif os.path.isdir(data):
+        root, suffix, skip = data, "", {"__pycache__"}
+    elif any(c in data for c in "*?["):
+        paths = sorted(p for p in glob.glob(data, recursive=True) if os.path.isfile(p))
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths] or ["."]), paths
+    else:
+        die(f"--data {data}: no such file or folder; pass a text file, a folder or a glob")
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        paths += [os.path.join(folder, f) for f in files if f.endswith(suffix) and not f.startswith(".")]
+    return root, sorted(paths)
+
+
+def load_documents(data):
+    """-> (train, val): int16 tensors, one per text file, split by a SHA-256 of the path relative
+    to the data root (stable across runs and machines, unlike Python's salted hash())."""
+    root, paths = find_files(data)
+    train, val = [], []
+    for path in paths:
+        raw = Path(path).read_bytes()
+        if raw and b"\0" not in raw[:8192]:  # skip empty and binary files
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
+            (val if h < VAL_FRACTION else train).append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).short())
+    if not train and not val:
+        die(f"--data {data or root}: no text found; point --data at a text file or a folder of text files")
+    if not train or not val:  # too few files to hold one out: hold out the tail of each (>= 1 byte)
+        docs, cut = train + val, lambda d: min(len(d) - 1, math.ceil(len(d) * (1 - VAL_FRACTION)))
+        train, val = [d[:cut(d)] for d in docs if cut(d) > 0], [d[cut(d):] for d in docs]
+    return train, val
+
+
+def special(i):
+    return torch.tensor([i], dtype=torch.int16)
+
+
+def fim_split(doc, rng):
+    """Cut a document at two uniformly random positions into (prefix, middle, suffix)."""
+    i, j = sorted((rng.randint(0, len(doc)), rng.randint(0, len(doc))))
+    return doc[:i], doc[i:j], doc[j:]
+
+
+def epoch_stream(docs, rng, fim_rate=FIM_RATE):
+    """One epoch as one stream, <|endoftext|> doc <|endoftext|> doc ... in shuffled order, with a
+    fim_rate share of the documents in PSM order (§3.1, DeepSeek-Coder):
+    <|fim_begin|> prefix <|fim_hole|> suffix <|fim_end|> middle <|endoftext|>."""
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    pieces = [special(EOT)]  # a leading separator makes the first byte a target too
+    for k in order:
+        if rng.random() < fim_rate:
+            prefix, middle, suffix = fim_split(docs[k], rng)
+            pieces += [special(FIM_BEGIN), prefix, special(FIM_HOLE), suffix, special(FIM_END), middle]
+        else:
+            pieces.append(docs[k])
+        pieces.append(special(EOT))
+    return torch.cat(pieces)
+
+
+def pack(stream, seq_len):
+    """(inputs, targets), each (N, seq_len): rows of seq_len + 1 tokens at stride seq_len, so every
+    token after the first is a target exactly once. No cross-document masking (as in the paper);
+    the last row is padded with target -1, which the loss ignores."""
+    n = max(1, math.ceil((len(stream) - 1) / seq_len))
+    padded = torch.full((n * seq_len + 1,), -1, dtype=torch.int16)  # int16: 2 bytes a token in RAM
+    padded[:len(stream)] = stream
+    rows = padded.unfold(0, seq_len + 1, seq_len)
+    return rows[:, :-1].clamp(min=0), rows[:, 1:]  # padding inputs: any id (their targets are -1)
+
+
+class Batches:
+    """Training micro-batches. Epoch e is a pure function of (seed, e), so the position
+    (epoch, index of the next batch) is all that --resume needs to regenerate the data."""
+
+    def __init__(self, docs, seq_len, batch_size, seed, epoch=0, index=0):
+        self.docs, self.seq_len, self.batch_size, self.seed = docs, seq_len, batch_size, seed
+        self.epoch, self.index, self.order = epoch, index, None
+
+    def load_epoch(self):
+        rng = random.Random(f"{self.seed}:{self.epoch}")  # str seeds go through SHA-512: stable
+        self.inputs, self.targets = pack(epoch_stream(self.docs, rng), self.seq_len)
+        self.order = list(range(len(self.inputs)))
+        rng.shuffle(self.order)  # a batch takes its rows from all over the epoch
+
+    def __next__(self):
+        if self.order is None:
+            self.load_epoch()
+        if self.index * self.batch_size >= len(self.order):  # (the last batch of an epoch may be short)
+            self.epoch, self.index = self.epoch + 1, 0
+            self.load_epoch()
+        ids = self.order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return self.inputs[ids].long(), self.targets[ids].long()
+
+
+def val_batches(docs, seq_len, batch_size, n_batches):
+    """Fixed validation set: held-out documents without FIM, up to n_batches * batch_size rows
+    spread evenly over them."""
+    x, y = pack(torch.cat([special(EOT)] + [t for d in docs for t in (d, special(EOT))]), seq_len)
+    keep = torch.linspace(0, len(x) - 1, min(len(x), n_batches * batch_size)).round().long()
+    return [(x[ids].long(), y[ids].long()) for ids in keep.split(batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast):
+    """Next-byte cross-entropy of the main head, in nats per byte. Only byte targets count: the
+    <|endoftext|> after each document is left out, so bits-per-byte is per byte of text."""
+    model.eval()
+    nll, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits = model(x)
+        mask = (y >= 0) & (y < 256)
+        nll += F.cross_entropy(logits[mask].float(), y[mask], reduction="sum").item()
+        count += int(mask.sum())
+    model.train()
+    return nll / count
+
+
+# ------------------------------------------------------------------------------ schedule, checkpoints
+def schedule(step, a):
+    """(lr, MTP weight λ) for 0-based `step`, §4.2 in shape: linear warmup, constant, then from
+    decay_start a cosine decay to min_lr_frac * lr at the last step, while λ drops 0.3 -> 0.1."""
+    decay_start = int(a.decay_start * a.max_steps)
+    if step < decay_start:
+        return a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps)), a.mtp_weight
+    t = min(1.0, (step - decay_start) / max(1, a.max_steps - decay_start))
+    return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))), a.mtp_weight_late
+
+
+def atomic_write(path, write):
+    write(path + ".tmp")  # a kill before the rename leaves the previous file in place
+    os.replace(path + ".tmp", path)
+
+
+def model_tensors(model):
+    # named_parameters/named_buffers list a shared tensor once (MTP reuses the embedding and head)
+    persistent = model.state_dict().keys()
+    return {**dict(model.named_parameters()), **{k: b for k, b in model.named_buffers() if k in persistent}}
+
+
+def save_checkpoint(out, model, optimizer, state):
+    """Published-layout weights for infer.py, then the resume point: train_state.safetensors holds
+    all that --resume reads (weights, routing biases, AdamW moments by parameter index, RNG states,
+    and the scalars as metadata), so its one os.replace commits the checkpoint and a kill at any
+    moment leaves a consistent one. train_state.json is a readable copy of the scalars."""
+    model.save_pretrained(out)
+    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    for i, s in optimizer.state_dict()["state"].items():
+        tensors.update({f"optim.{i}.{k}": v for k, v in s.items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors, meta = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"train_state": json.dumps(state)}
+    atomic_write(os.path.join(out, "train_state.safetensors"), lambda p: save_file(tensors, p, metadata=meta))
+    atomic_write(os.path.join(out, "train_state.json"), lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+
+
+def read_checkpoint(out, with_tensors=True):
+    path = os.path.join(out, "train_state.safetensors")
+    if not os.path.exists(path):
+        die(f"--resume: no checkpoint in {out}/ (train_state.safetensors is missing); drop --resume or fix --out")
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["train_state"]), {k: f.get_tensor(k) for k in f.keys() if with_tensors}
+
+
+def load_checkpoint(out, model, optimizer, param_names):
+    state, tensors = read_checkpoint(out)
+    own, saved = model_tensors(model), {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    if state["param_names"] != param_names or any(k not in saved or saved[k].shape != v.shape for k, v in own.items()):
+        die(f"the checkpoint in {out}/ holds another model than these flags build; resume without model flags")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(saved[k])
+    moments = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            moments.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available() and f"rng.cuda.{torch.cuda.device_count() - 1}" in tensors:
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+    return state
+
+
+# ------------------------------------------------------------------------------ command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; one line says enough
+        die(f"{message} (see python train.py --help)")
+
+
+def number(kind, low, high=math.inf, strict=False):
+    """argparse type: a finite number >= low (> low if strict), <= high."""
+    def parse(s):
+        v = kind(s)
+        if v < low or (strict and v == low) or not v <= high or v == math.inf:
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
+        return v
+    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for text
+    return parse
+
+
+def get_parser():
+    positive_int, count, nonneg, fraction = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
+    p = Parser(description="Train DeepSeek-V3 on bytes; the docstring of train.py has examples.")
+    add = p.add_argument
+    add("--preset", help="model: tiny, small or deepseek-v3 (default: tiny on CPU, small on GPU)")
+    add("--data", help="text file, folder (all text files below it) or glob (default: this Python's standard library)")
+    add("--out", default="out", help="folder for the checkpoint and metrics.jsonl (default: out)")
+    add("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS, help="optimizer steps; the schedules span them (default: %(default)s)")
+    add("--stop-at", type=positive_int, help="stop with a checkpoint after this step, schedule unchanged; continue with --resume")
+    add("--batch-size", type=positive_int, help="sequences per micro-batch (default: per preset)")
+    add("--seq-len", type=positive_int, help="tokens (bytes) per sequence (default: per preset)")
+    add("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
+    add("--lr", type=number(float, 0, strict=True), help="peak learning rate (default: per preset)")
+    add("--min-lr-frac", type=fraction, default=0.1, help="final LR / peak LR (§4.2: 2.2e-5 / 2.2e-4; default: 0.1)")
+    add("--warmup-steps", type=count, help="linear warmup steps (default: 5%% of --max-steps)")
+    add("--decay-start", type=fraction, default=0.68, help="fraction of the steps after which the LR decays and λ drops (§4.2: 10T of 14.8T tokens; default: 0.68)")
+    add("--weight-decay", type=nonneg, default=0.1, help="AdamW weight decay of the matrices (§4.2; default: 0.1)")
+    add("--mtp", type=count, help="multi-token prediction depth, 0 disables it (default: the preset's)")
+    add("--mtp-weight", type=nonneg, default=0.3, help="MTP loss weight λ before --decay-start (§4.2; default: 0.3)")
+    add("--mtp-weight-late", type=nonneg, default=0.1, help="λ after --decay-start (§4.2; default: 0.1)")
+    add("--bias-update-speed", type=nonneg, help="γ of the aux-loss-free routing bias update (default: the preset's; §4.2: 0.001)")
+    add("--no-bias-update", action="store_true", help="γ = 0: freeze the routing bias (ablation)")
+    add("--eval-interval", type=positive_int, default=100, help="steps between validations (default: 100)")
+    add("--eval-batches", type=positive_int, default=8, help="validation batches (default: 8)")
+    add("--save-interval", type=positive_int, default=200, help="steps between checkpoints (default: 200)")
+    add("--sample-bytes", type=count, default=200, help=f"bytes to generate greedily after {SAMPLE_PROMPT!r} at the end, 0 skips (default: 200)")
+    add("--seed", type=int, default=0, help="seeds the initialisation and the data order (default: 0)")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    add("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="autocast compute dtype; weights and AdamW stay float32 (default: bfloat16)")
+    add("--compile", action="store_true", help="torch.compile the training forward")
+    add("--fp8", action="store_true", help="FP8 block-quantized matmuls (§3.3)")
+    add("--resume", action="store_true", help="continue the run saved in --out; flags not given keep the run's values")
+    add("--dry-run", action="store_true", help="print parameters, FLOPs and memory of the preset, build nothing")
+    return p
+
+
+NOT_SAVED = {"resume", "dry_run", "stop_at", "device"}  # about this invocation, not the run
+
+
+def parse_args(argv=None):
+    parser = get_parser()
+    a = parser.parse_args(argv)
+    if a.resume:  # argparse keeps attributes already in the namespace: the run's values become defaults
+        a = parser.parse_args(argv, namespace=argparse.Namespace(**read_checkpoint(a.out, False)[0]["args"]))
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        die(f"--device {a.device}: not a device name; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {a.device}: no CUDA GPU is visible; use --device cpu")
+    a.preset = a.preset or ("small" if device.type == "cuda" else "tiny")
+    for k, v in PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"]).items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    a.warmup_steps = max(1, a.max_steps // 20) if a.warmup_steps is None else a.warmup_steps
+    overrides = {**({} if a.mtp is None else {"n_mtp": a.mtp}), **({"fp8": True} if a.fp8 else {})}
+    try:
+        return a, ModelArgs.from_preset(a.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        die(f"--preset {a.preset}: {e}")
+
+
+def human(x, k=1000, units=("", "K", "M", "B", "T")):
+    for unit in units[:-1]:
+        if abs(x) < k:
+            return f"{x:.4g}{unit}"
+        x /= k
+    return f"{x:.4g}{units[-1]}"
+
+
+def dry_run(a, margs):
+    """Accounting from the shapes alone, so even the 671B preset costs nothing to inspect."""
+    acc = accounting(margs, a.seq_len)
+    flops, kv, tokens = acc["flops_per_token"], acc["kv_bytes_per_token"], a.batch_size * a.seq_len * a.grad_accum
+    n = acc["params_total"] + acc["params_mtp"]  # training holds the MTP modules too
+    size = lambda b: human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
+    print(f"preset {a.preset} at seq_len {a.seq_len}")
+    print(f"parameters  {human(acc['params_total'])} main model ({human(acc['params_active'])} active per token, "
+          f"{human(acc['params_embedding'])} embedding) + {human(acc['params_mtp'])} MTP")
+    print(f"compute     {flops:.4g} training FLOPs per token (6 x active params + attention)")
+    print(f"KV cache    {kv:,} bytes per token (bf16), {size(kv * a.seq_len)} per {a.seq_len}-token sequence")
+    print(f"memory      weights + grads + AdamW moments = total, {human(n)} parameters, activations not counted")
+    for name, b in (("float32", 4), ("bfloat16", 2)):
+        print(f"  {name:<9} {size(n * b)} + {size(n * b)} + {size(2 * n * b)} = {size(4 * n * b)}")
+    print(f"this run    {tokens:,} tokens/step x {a.max_steps} steps = {human(tokens * a.max_steps)} tokens, "
+          f"{flops * tokens * a.max_steps:.3g} FLOPs")
+
+
+def logged_by(line, step):
+    try:
+        return json.loads(line)["step"] <= step
+    except (ValueError, KeyError):  # a line cut short by a kill
+        return False
+
+
+# ------------------------------------------------------------------------------ training
+def main(argv=None):
+    a, margs = parse_args(argv)
+    if a.dry_run:
+        return dry_run(a, margs)
+    if a.seq_len > margs.max_seq_len:
+        die(f"--seq-len {a.seq_len} exceeds the preset's max_seq_len {margs.max_seq_len}; lower --seq-len")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+        Path(a.out, ".probe").touch()
+        os.remove(os.path.join(a.out, ".probe"))
+    except OSError as e:
+        die(f"--out {a.out}: cannot write there ({e.strerror}); choose a writable folder with --out")
+    train_docs, val_docs = load_documents(a.data)
+    data = dict(files=len(train_docs), bytes=sum(map(len, train_docs)))
+
+    device = torch.device(a.device)
+    if device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
+        torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
+        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() costs ~6%
+    autocast = torch.autocast(device.type, torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
+    torch.manual_seed(a.seed)
+    model = Transformer(margs).to(device)
+    fwd = torch.compile(model) if a.compile else model
+    # Weight decay on every matrix, the embedding and head included: the paper names one decay
+    # (0.1, §4.2) and no exceptions, as nanoGPT does. Not on the 1-D RMSNorm gains, where decay
+    # would shrink activations rather than regularise. The routing bias is a buffer (§2.1.2).
+    named = sorted(model.named_parameters(), key=lambda kv: kv[1].ndim < 2)  # matrices first
+    param_names = [k for k, _ in named]
+    optimizer = torch.optim.AdamW([{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": a.weight_decay},
+                                   {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}],
+                                  lr=a.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    gamma = 0.0 if a.no_bias_update else margs.bias_update_speed if a.bias_update_speed is None else a.bias_update_speed
+    state = load_checkpoint(a.out, model, optimizer, param_names) if a.resume else dict(step=0, epoch=0, batch=0)
+    if a.resume and state.get("data") != data:
+        print(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data}); resume is not exact")
+    batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, state["epoch"], state["batch"])
+    val = val_batches(val_docs, a.seq_len, a.batch_size, a.eval_batches)
+    metrics_path = os.path.join(a.out, "metrics.jsonl")
+    kept = [line for line in open(metrics_path) if logged_by(line, state["step"])] if a.resume and os.path.exists(metrics_path) else []
+    atomic_write(metrics_path, lambda p: Path(p).write_text("".join(kept)))  # drop lines logged after the checkpoint
+    metrics = open(metrics_path, "a")
+
+    step, saved_step = state["step"], state["step"] if a.resume else None
+    stop, tokens_per_step = min(a.stop_at or a.max_steps, a.max_steps), a.batch_size * a.seq_len * a.grad_accum
+    print(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} ({a.dtype}); "
+          f"{len(train_docs)} train / {len(val_docs)} val files, {data['bytes'] / 1e6:.2f}M / "
+          f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {tokens_per_step:,} tokens/step; steps {step} -> {stop}")
+    if step >= stop:
+        return print(f"the run in {a.out}/ is at step {step} already; raise --max-steps to train on")
+    kept = lambda: f"{a.out}/ keeps the checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint written"
+    pbar, times = tqdm(total=stop, initial=step, file=sys.stdout, dynamic_ncols=True), []
+    try:
+        while step < stop:
+            t0 = time.perf_counter()
+            lr, mtp_weight = schedule(step, a)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logs = dict.fromkeys(("loss", "ce", "mtp", "balance"), 0.0)
+            for _ in range(a.grad_accum):
+                x, y = (t.to(device, non_blocking=True) for t in next(batches))
+                with autocast:
+                    _, losses = fwd(x, y, mtp_weight=mtp_weight)
+                (losses["loss"] / a.grad_accum).backward()
+                for k in logs:
+                    logs[k] += float(losses[k].detach()) / a.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):  # stop before the weights see it
+                pbar.close()
+                die(f"loss {logs['loss']:.4g} or gradient norm {grad_norm:.4g} not finite at step {step + 1}; "
+                    f"stopped, {kept()}; lower --lr or use --dtype float32")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            maxvio = model.update_bias(gamma)  # aux-loss-free balancing with the whole step's loads (§2.1.2)
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            rec = dict(step=step, loss=logs["loss"], ce=logs["ce"], mtp_loss=logs["mtp"], balance_loss=logs["balance"],
+                       lr=lr, mtp_weight=mtp_weight, grad_norm=grad_norm, tokens_per_s=tokens_per_step / times[-1],
+                       maxvio_mean=float(maxvio.mean()) if len(maxvio) else 0.0,
+                       maxvio_max=float(maxvio.max()) if len(maxvio) else 0.0, epoch=batches.epoch)
+            if step % a.eval_interval == 0 or step == stop:
+                rec["val_loss"] = evaluate(model, val, device, autocast)
+                rec["val_bpb"] = rec["val_loss"] / math.log(2)
+                model.update_bias(0.0)  # evaluation passes must not steer the routing bias
+                pbar.write(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte, {rec['val_bpb']:.4f} bits/byte")
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            pbar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{lr:.2e}",
+                             maxvio=f"{rec['maxvio_max']:.2f}")
+            pbar.update()
+            if step % a.save_interval == 0 or step == stop:
+                run = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}
+                sched = {k: run[k] for k in ("max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac",
+                                             "mtp_weight", "mtp_weight_late")}
+                save_checkpoint(a.out, model, optimizer, dict(
+                    step=step, epoch=batches.epoch, batch=batches.index, seed=a.seed, args=run, schedule=sched,
+                    data=data, model=margs.to_dict(), param_names=param_names, metrics=rec))
+                saved_step = step
+    except KeyboardInterrupt:
+        pbar.close()
+        print(f"interrupted at step {step}, {kept()}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    pbar.close()
+    steady = times[1:] or times  # the first step pays for warm-up (and compilation)
+    print(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte = {rec['val_bpb']:.4f} bits/byte, "
+          f"{tokens_per_step * len(steady) / sum(steady):,.0f} tokens/s; checkpoint in {a.out}/")
+    if a.sample_bytes:
+        model.eval()
+        prompt = torch.tensor([encode(SAMPLE_PROMPT)], device=device)
+        with autocast:
+            ids = model.generate(prompt, min(a.sample_bytes, margs.max_seq_len - prompt.shape[1] - 1))
+        print(f"greedy sample:\n{decode(ids[0].tolist())}")
+
+
+if __name__ == "__main__":
+    main()
