@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from model import CheckpointError, Transformer
-from train import EOT, decode, encode, fim_prompt
+from train import EOT, decode, die, encode, fim_prompt, pick_device
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -33,11 +33,6 @@ BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fi
 
 
 # -------------------------------------------------------------------------- command line
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def number(kind, ok, what):
     """argparse type: kind(s), rejected with a one-line message unless ok(value)."""
     def parse(s):
@@ -97,15 +92,8 @@ def parse_args(argv=None):
     if fim and not (a.fim_prefix or a.fim_suffix):
         die("--fim-prefix and --fim-suffix are both empty; give the text around the hole")
     a.fim = fim
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        die(f"--device {a.device}: not a device name; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {a.device}: no CUDA GPU is visible; use --device cpu")
-    a.device = device
-    a.dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    a.device = pick_device(a.device)
+    a.dtype = a.dtype or ("bfloat16" if a.device.type == "cuda" else "float32")
     return a
 
 

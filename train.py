@@ -80,6 +80,18 @@ def die(msg):
     sys.exit(2)
 
 
+def pick_device(name):
+    """--device (None: cuda when there is one, else cpu) -> torch.device, or a one-line error."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name}: not a device name; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
 def find_files(data):
     """--data (None: this Python's standard library) -> (root, sorted file paths)."""
     if data is None:
@@ -336,14 +348,8 @@ def parse_args(argv=None):
     a = parser.parse_args(argv)
     if a.resume:  # argparse keeps attributes already in the namespace: the run's values become defaults
         a = parser.parse_args(argv, namespace=argparse.Namespace(**read_checkpoint(a.out, False)[0]["args"]))
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(a.device)
-    except RuntimeError:
-        die(f"--device {a.device}: not a device name; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {a.device}: no CUDA GPU is visible; use --device cpu")
-    a.preset = a.preset or ("small" if device.type == "cuda" else "tiny")
+    a.device = pick_device(a.device)
+    a.preset = a.preset or ("small" if a.device.type == "cuda" else "tiny")
     for k, v in PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"]).items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.warmup_steps = max(1, a.max_steps // 20) if a.warmup_steps is None else a.warmup_steps
