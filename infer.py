@@ -204,8 +204,8 @@ def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show
     tokens = torch.tensor([ids], device=a.device)
     synchronize(a.device)
     t0 = time.perf_counter()
-    out = model.generate(tokens, max_new_tokens, temperature, a.top_p, a.top_k,
-                         speculative=speculative, callback=callback, stats=stats)
+    out = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative,
+                         top_k=a.top_k, callback=callback, stats=stats)
     synchronize(a.device)
     return out[0, T0:].tolist(), marks[0] - t0, time.perf_counter() - marks[0], stats
 

@@ -823,7 +823,7 @@ def test_short_run_writes_metrics_and_checkpoint(runs):
     for name in ("config.json", "model.safetensors", "train_state.safetensors", "train_state.json"):
         assert (tmp / "straight" / name).exists()
     assert json.loads((tmp / "straight" / "train_state.json").read_text())["step"] == 6
-    assert "greedy sample" in out
+    assert "sample (temperature 0.8" in out
 
 
 def test_resume_is_bit_exact(runs):
