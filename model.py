@@ -73,12 +73,12 @@ class ModelArgs:
     fp8_weights: bool = False          # keep Linear weights in FP8 with 128x128 scales (inference)
 
     def __post_init__(self):
+        positive = {"vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank",
+                    "qk_rope_head_dim", "v_head_dim"}  # the rest may be 0 (e.g. q_lora_rank, n_mtp)
         for f in fields(self):
             v = getattr(self, f.name)
-            if type(v) is int and v < 0 or f.name in ("vocab_size", "dim", "n_layers", "n_heads",
-                                                       "max_seq_len", "kv_lora_rank", "v_head_dim",
-                                                       "qk_rope_head_dim") and v <= 0:
-                raise ValueError(f"ModelArgs.{f.name} must be positive, got {v}")
+            if type(v) is int and (v < 0 or v == 0 and f.name in positive):
+                raise ValueError(f"ModelArgs.{f.name} must be {'positive' if f.name in positive else '>= 0'}, got {v}")
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even (RoPE rotates pairs of dims)")
         if self.n_routed_experts:
