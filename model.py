@@ -542,7 +542,8 @@ class Experts(nn.Module):
         else:
             expert = flat[order]
             slot = torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]
-            pair = torch.full((E, int(counts.max())), N * K, device=x.device)  # N*K = padding
+            cap = -(-int(counts.max()) // 64) * 64  # few distinct shapes: oneDNN JITs a kernel per shape
+            pair = torch.full((E, cap), N * K, device=x.device)                 # N*K = padding
             pair[expert, slot] = order
             h = self._padded(F.pad(x, (0, 0, 0, 1))[pair // K])              # (E, cap, D)
         w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)               # 0 for padding
