@@ -536,7 +536,8 @@ class Experts(nn.Module):
         counts = flat.bincount(minlength=E)
         # grouped GEMM touches only the chosen experts: on CUDA always; on CPU (where torch's
         # grouped_mm loops over groups) only for a few tokens, as in decoding (measured +16%)
-        if (x.is_cuda or N * K < E * 8) and not self.fp8 and self.w1.dtype != FP8_DTYPE:
+        if ((x.is_cuda or N * K < E * 8) and hasattr(F, "grouped_mm")  # torch >= 2.9
+                and not self.fp8 and self.w1.dtype != FP8_DTYPE):
             pair = order
             h = self._grouped(x[pair // K], counts)     # (N*K, D)
         else:
