@@ -80,6 +80,29 @@ def die(msg):
     sys.exit(2)
 
 
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1) each process is one data-parallel rank: gloo on CPU, NCCL on
+    CUDA (one GPU per rank). -> (rank, world size, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def all_mean(values, world):
+    """Average a list of floats over the ranks (the identity in one process)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return (t / world).tolist()
+
+
 def pick_device(name):
     """--device (None: cuda when there is one, else cpu) -> torch.device, or a one-line error."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,9 +196,9 @@ class Batches:
     """Training micro-batches. Epoch e is a pure function of (seed, e), so the position
     (epoch, index of the next batch) is all that --resume needs to regenerate the data."""
 
-    def __init__(self, docs, seq_len, batch_size, seed, epoch=0, index=0):
+    def __init__(self, docs, seq_len, batch_size, seed, epoch=0, index=0, drop_last=False):
         self.docs, self.seq_len, self.batch_size, self.seed = docs, seq_len, batch_size, seed
-        self.epoch, self.index, self.order = epoch, index, None
+        self.epoch, self.index, self.order, self.drop_last = epoch, index, None, drop_last
 
     def load_epoch(self):
         rng = random.Random(f"{self.seed}:{self.epoch}")  # str seeds go through SHA-512: stable
@@ -186,7 +209,9 @@ class Batches:
     def __next__(self):
         if self.order is None:
             self.load_epoch()
-        if self.index * self.batch_size >= len(self.order):  # (the last batch of an epoch may be short)
+        start, n = self.index * self.batch_size, len(self.order)
+        # the last batch of an epoch may be short; data-parallel runs skip it (equal rows per rank)
+        if start >= n or self.drop_last and start + self.batch_size > n:
             self.epoch, self.index = self.epoch + 1, 0
             self.load_epoch()
         ids = self.order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
@@ -409,14 +434,21 @@ def main(argv=None):
     train_docs, val_docs = load_documents(a.data)
     data = dict(files=len(train_docs), bytes=sum(map(len, train_docs)))
 
-    device = torch.device(a.device)
+    rank, world, device = init_distributed(torch.device(a.device))
+    lead = rank == 0  # rank 0 alone evaluates, logs and writes checkpoints
+    say = print if lead else lambda *args, **kw: None
+    if a.batch_size % world:
+        die(f"--batch-size {a.batch_size} does not split over {world} ranks; use a multiple of {world}")
     if device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
         torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
         torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() costs ~6%
     autocast = torch.autocast(device.type, torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
     torch.manual_seed(a.seed)
     model = Transformer(margs).to(device)
-    fwd = torch.compile(model) if a.compile else model
+    # data parallel: gradients averaged over the ranks; buffers not broadcast, so that each rank
+    # keeps its own expert-load counts until they are summed for the bias update
+    fwd = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    fwd = torch.compile(fwd) if a.compile else fwd
     # Weight decay on every matrix, the embedding and head included: the paper names one decay
     # (0.1, §4.2) and no exceptions, as nanoGPT does. Not on the 1-D RMSNorm gains, where decay
     # would shrink activations rather than regularise. The routing bias is a buffer (§2.1.2).
@@ -428,23 +460,25 @@ def main(argv=None):
     gamma = 0.0 if a.no_bias_update else margs.bias_update_speed if a.bias_update_speed is None else a.bias_update_speed
     state = load_checkpoint(a.out, model, optimizer, param_names) if a.resume else dict(step=0, epoch=0, batch=0)
     if a.resume and state.get("data") != data:
-        print(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data}); resume is not exact")
-    batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, state["epoch"], state["batch"])
+        say(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data}); resume is not exact")
+    batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, state["epoch"], state["batch"], drop_last=world > 1)
     val = val_batches(val_docs, a.seq_len, a.batch_size, a.eval_batches)
     metrics_path = os.path.join(a.out, "metrics.jsonl")
     kept = [line for line in open(metrics_path) if logged_by(line, state["step"])] if a.resume and os.path.exists(metrics_path) else []
-    atomic_write(metrics_path, lambda p: Path(p).write_text("".join(kept)))  # drop lines logged after the checkpoint
-    metrics = open(metrics_path, "a")
+    if lead:
+        atomic_write(metrics_path, lambda p: Path(p).write_text("".join(kept)))  # drop lines logged after the checkpoint
+    metrics = open(metrics_path, "a") if lead else None
 
     step, saved_step = state["step"], state["step"] if a.resume else None
     stop, tokens_per_step = min(a.stop_at or a.max_steps, a.max_steps), a.batch_size * a.seq_len * a.grad_accum
-    print(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} ({a.dtype}); "
+    say(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} ({a.dtype}); "
           f"{len(train_docs)} train / {len(val_docs)} val files, {data['bytes'] / 1e6:.2f}M / "
-          f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {tokens_per_step:,} tokens/step; steps {step} -> {stop}")
+          f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {tokens_per_step:,} tokens/step; steps {step} -> {stop}"
+        + (f"; {world} data-parallel ranks" if world > 1 else ""))
     if step >= stop:
-        return print(f"the run in {a.out}/ is at step {step} already; raise --max-steps to train on")
+        return say(f"the run in {a.out}/ is at step {step} already; raise --max-steps to train on")
     kept = lambda: f"{a.out}/ keeps the checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint written"
-    pbar, times = tqdm(total=stop, initial=step, file=sys.stdout, dynamic_ncols=True), []
+    pbar, times = tqdm(total=stop, initial=step, file=sys.stdout, dynamic_ncols=True, disable=not lead), []
     try:
         while step < stop:
             t0 = time.perf_counter()
@@ -453,12 +487,13 @@ def main(argv=None):
                 group["lr"] = lr
             logs = dict.fromkeys(("loss", "ce", "mtp", "balance"), 0.0)
             for _ in range(a.grad_accum):
-                x, y = (t.to(device, non_blocking=True) for t in next(batches))
+                x, y = (t[rank::world].to(device, non_blocking=True) for t in next(batches))  # this rank's rows
                 with autocast:
                     _, losses = fwd(x, y, mtp_weight=mtp_weight)
                 (losses["loss"] / a.grad_accum).backward()
                 for k in logs:
                     logs[k] += float(losses[k].detach()) / a.grad_accum
+            logs = dict(zip(logs, all_mean(list(logs.values()), world)))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
             if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):  # stop before the weights see it
                 pbar.close()
@@ -466,6 +501,9 @@ def main(argv=None):
                     f"stopped, {kept()}; lower --lr or use --dtype float32")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if world > 1:  # every rank applies the same update: the loads of the whole global batch
+                for moe in model.moe_layers():
+                    torch.distributed.all_reduce(moe.load)
             maxvio = model.update_bias(gamma)  # aux-loss-free balancing with the whole step's loads (§2.1.2)
             step += 1
             if device.type == "cuda":
@@ -475,17 +513,18 @@ def main(argv=None):
                        lr=lr, mtp_weight=mtp_weight, grad_norm=grad_norm, tokens_per_s=tokens_per_step / times[-1],
                        maxvio_mean=float(maxvio.mean()) if len(maxvio) else 0.0,
                        maxvio_max=float(maxvio.max()) if len(maxvio) else 0.0, epoch=batches.epoch)
-            if step % a.eval_interval == 0 or step == stop:
+            if lead and (step % a.eval_interval == 0 or step == stop):
                 rec["val_loss"] = evaluate(model, val, device, autocast)
                 rec["val_bpb"] = rec["val_loss"] / math.log(2)
                 model.update_bias(0.0)  # evaluation passes must not steer the routing bias
                 pbar.write(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte, {rec['val_bpb']:.4f} bits/byte")
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+            if lead:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{lr:.2e}",
                              maxvio=f"{rec['maxvio_max']:.2f}")
             pbar.update()
-            if step % a.save_interval == 0 or step == stop:
+            if lead and (step % a.save_interval == 0 or step == stop):
                 run = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}
                 sched = {k: run[k] for k in ("max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac",
                                              "mtp_weight", "mtp_weight_late")}
@@ -495,9 +534,13 @@ def main(argv=None):
                 saved_step = step
     except KeyboardInterrupt:
         pbar.close()
-        print(f"interrupted at step {step}, {kept()}; continue with --resume", file=sys.stderr)
+        say(f"interrupted at step {step}, {kept()}; continue with --resume", file=sys.stderr)
         sys.exit(130)
     pbar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not lead:
+        return
     steady = times[1:] or times  # the first step pays for warm-up (and compilation)
     print(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte = {rec['val_bpb']:.4f} bits/byte, "
           f"{tokens_per_step * len(steady) / sum(steady):,.0f} tokens/s; checkpoint in {a.out}/")
