@@ -539,7 +539,7 @@ class Experts(nn.Module):
         if ((x.is_cuda or N * K < E * 8) and hasattr(F, "grouped_mm")  # torch >= 2.9
                 and not self.fp8 and self.w1.dtype != FP8_DTYPE):
             pair = order
-            h = self._grouped(x[pair // K], counts)     # (N*K, D)
+            h = self._grouped(x[order // K], counts)    # (N*K, D)
         else:
             expert = flat[order]
             slot = torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]
@@ -548,7 +548,7 @@ class Experts(nn.Module):
             pair[expert, slot] = order
             h = self._padded(F.pad(x, (0, 0, 0, 1))[pair // K])              # (E, cap, D)
         w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)               # 0 for padding
-        y = h.new_zeros(N + 1, x.size(1))
+        y = h.new_zeros(N + 1, x.size(1))                                    # row N: padding
         return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
 
     def _grouped(self, xs, counts):

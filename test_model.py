@@ -265,17 +265,24 @@ def test_accounting_matches_published_deepseek_v3_figures():
     assert acc["kv_bytes_per_token"] == 61 * 576 * 2 == 70272
 
 
-def test_tiny_model_overfits_one_batch():
+def overfit(shape, steps, gamma=0.0):
+    """A small model trained on one random batch of `shape` with AdamW (seed 0);
+    -> (model in train mode, the batch, the last losses)."""
     torch.manual_seed(0)
     model = Transformer(small_args(init_std=0.02)).train()
-    tokens = torch.randint(0, 64, (2, 33))
+    tokens = torch.randint(0, 64, shape)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(80):
+    for _ in range(steps):
         _, losses = model(tokens[:, :-1], tokens[:, 1:])
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
-        model.update_bias(1e-3)
+        model.update_bias(gamma)
+    return model, tokens, losses
+
+
+def test_tiny_model_overfits_one_batch():
+    _, _, losses = overfit((2, 33), 80, gamma=1e-3)
     assert losses["ce"].item() < 0.1 * math.log(64)
     assert losses["mtp"].item() < 0.5 * math.log(64)
 
@@ -410,15 +417,7 @@ def test_hf_config_round_trip_and_rope_parameters_style():
 def memorizer():
     """A small model trained to recite one random sequence, so its MTP drafts are mostly right
     on that sequence and mostly wrong elsewhere."""
-    torch.manual_seed(0)
-    model = Transformer(small_args(init_std=0.02)).train()
-    seq = torch.randint(0, 64, (1, 49))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        _, losses = model(seq[:, :-1], seq[:, 1:])
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
+    model, seq, _ = overfit((1, 49), 60)
     return model.eval(), seq
 
 
