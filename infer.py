@@ -9,6 +9,9 @@ written, then one line of speed; or a benchmark of MTP speculative decoding agai
     python infer.py --speculative                          # MTP drafts, the main model verifies (§2.2)
     python infer.py --bench                                # plain vs speculative greedy: tokens/s, acceptance
     python infer.py --ckpt path/to/DeepSeek-V3 --dtype fp8 --prompt "Hello"   # published layout
+    torchrun --nproc-per-node 8 infer.py --ckpt path/to/DeepSeek-V3 --dtype fp8 --prompt-ids 0,100
+        # tensor parallel attention/FFN + expert parallel MoE, one rank per GPU
+    python infer.py --ckpt deepseek-v3 --dtype fp8 --dry-run 8   # memory per GPU over 8 GPUs
 
 Checkpoints are folders in the published Hugging Face layout (config.json + *.safetensors), as
 `python train.py` writes to out/. Text goes through our byte tokenizer (train.py), or through the
@@ -16,16 +19,19 @@ folder's tokenizer.json when there is one (needs `pip install tokenizers`); --pr
 token ids and works with any checkpoint. The text goes to stdout, the speed line to stderr.
 """
 import argparse
+import json
 import math
 import os
 import sys
+import re
 import time
+from dataclasses import replace
 
 import torch
 from safetensors import SafetensorError
 
-from model import CheckpointError, Transformer
-from train import EOT, decode, die, encode, fim_prompt, pick_device
+from model import FP8_DTYPE, PRESETS, CheckpointError, ModelArgs, Transformer
+from train import EOT, decode, die, encode, fim_prompt, human, init_distributed, pick_device
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -81,6 +87,8 @@ def get_parser():
     add("--dtype", choices=list(DTYPES), help="weights and compute; fp8 keeps FP8 weights with bfloat16 compute "
         "(default: bfloat16 on cuda, float32 on cpu)")
     add("--compile", action="store_true", help="torch.compile each block (the first tokens wait for the compiler)")
+    add("--dry-run", type=positive_int, nargs="?", const=1, metavar="RANKS", help="print the memory per rank of "
+        "serving --ckpt (only its config.json is read; or a preset name, e.g. deepseek-v3) on RANKS ranks, load nothing")
     return p
 
 
@@ -98,9 +106,9 @@ def parse_args(argv=None):
 
 
 # -------------------------------------------------------------------------- checkpoint, tokenizer, prompt
-def load_model(a):
+def load_model(a, rank=0, world=1):
     try:
-        return Transformer.from_pretrained(a.ckpt, device=a.device, dtype=DTYPES[a.dtype])
+        return Transformer.from_pretrained(a.ckpt, device=a.device, dtype=DTYPES[a.dtype], rank=rank, world_size=world)
     except CheckpointError as e:
         die(" ".join(str(e).split()))
     except (SafetensorError, OSError, ValueError, KeyError) as e:  # e.g. a torn index or tensor data
@@ -250,10 +258,48 @@ def bench(model, ids, a):
               f"in {a.dtype} can flip an argmax; in float32 this is a bug)")
 
 
+def dry_run(a):
+    """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone: the
+    model is built on the meta device with this rank's shapes (all ranks hold equal shares)."""
+    try:
+        args = (ModelArgs.from_preset(a.ckpt) if a.ckpt in PRESETS and not os.path.isdir(a.ckpt) else
+                ModelArgs.from_hf_config(json.loads(open(os.path.join(a.ckpt, "config.json")).read())))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        die(f"--dry-run: cannot read the config of {a.ckpt}: {' '.join(str(e).split())}; give a checkpoint "
+            f"folder or a preset ({', '.join(PRESETS)})")
+    try:
+        args = replace(args, world_size=a.dry_run, fp8_weights=a.dtype == "fp8")
+    except ValueError as e:
+        die(f"--dry-run {a.dry_run}: {e}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    size = lambda b: human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
+    compute = 4 if a.dtype == "float32" else 2  # fp8: FP8 projections, everything else bfloat16
+    parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
+    split = re.compile(r"\.(wq|wq_b|wkv_b|wo|w1|w2|w3)\.|^head\.")
+    for name, p in model.named_parameters():
+        b = p.numel() * (p.element_size() if p.dtype == FP8_DTYPE or name.endswith("scale") else compute)
+        parts[list(parts)[0 if ".experts." in name else 1 if split.search(name) else 2]] += b
+    kv = (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * compute
+    weights = sum(parts.values())
+    print(f"{a.ckpt} on {a.dry_run} rank(s), {a.dtype} weights"
+          f"{' (128x128 float32 block scales, bfloat16 for embedding, head, norms, router)' if a.dtype == 'fp8' else ''}")
+    print(f"weights per rank  {size(weights)} = " + " + ".join(f"{size(b)} {k}" for k, b in parts.items()))
+    print(f"KV cache per rank {kv:,} bytes per token (latent + RoPE key of {args.n_layers + args.n_mtp} layers; "
+          f"every rank holds all of it): {size(kv * args.max_seq_len)} for one {args.max_seq_len:,}-token context")
+    print(f"total per rank    {size(weights + kv * args.max_seq_len)} at batch 1 and full context, activations "
+          "and the CUDA context not counted")
+
+
 # -------------------------------------------------------------------------- main
 def main(argv=None):
     a = parse_args(argv)
-    model = load_model(a)
+    if a.dry_run:
+        return dry_run(a)
+    rank, world, a.device = init_distributed(a.device)
+    if rank:  # ranks other than 0 compute silently; rank 0 prints
+        sys.stdout = open(os.devnull, "w")
+    model = load_model(a, rank, world)
     margs = model.args
     if (a.speculative or a.bench) and not margs.n_mtp:
         die(f"{'--bench' if a.bench else '--speculative'} needs an MTP module and {a.ckpt} has none "
@@ -288,7 +334,10 @@ def main(argv=None):
             f"decode {rate(len(new) - 1, decode_s)}"]
     if a.speculative:
         line.append(f"MTP acceptance {acceptance(stats)}")
-    print(" | ".join(line + [peak_memory(a.device)]), file=sys.stderr)
+    if rank == 0:
+        print(" | ".join(line + [peak_memory(a.device)]), file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1098,3 +1098,73 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path):
     assert biases and all(torch.equal(w1[k], w2[k]) for k in biases)
     assert any(w1[k].abs().sum() > 0 for k in biases)  # the biases did move
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+# tensor parallel needs heads, FFN widths, vocabulary and experts divisible by 2; inter_dim 200
+# splits at row 100, inside a 128-block, so the FP8 loader must read around it
+PARALLEL = dict(n_heads=4, dim=192, inter_dim=200, moe_inter_dim=72)
+
+
+def _parallel_worker(rank, world, folder, tokens):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    results = {}
+    for name in ("float32", "fp8"):
+        model = Transformer.from_pretrained(folder / name, rank=rank, world_size=world)
+        results[name] = model(tokens)
+        results[name, "greedy"] = model.generate(tokens, 8)
+        results[name, "speculative"] = model.generate(tokens, 8, speculative=True)
+    if rank == 0:
+        torch.save(results, folder / "parallel.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
+    """Two gloo ranks: each loads only its slice of every split projection (heads of wq_b, wkv_b,
+    wo; FFN width; vocabulary) and its half of the routed experts. Its weights equal that slice
+    of the one-process model; logits and greedy continuations (plain and speculative) equal
+    one process's, from a float32 and from an FP8 block-scaled checkpoint."""
+    model = random_model(**PARALLEL)
+    model.save_pretrained(tmp_path / "float32")
+    _write_fp8_checkpoint(model, tmp_path / "fp8")
+    for name in ("float32", "fp8"):
+        full = Transformer.from_pretrained(tmp_path / name).state_dict()
+        for rank in range(2):
+            part = Transformer.from_pretrained(tmp_path / name, rank=rank, world_size=2).state_dict()
+            assert part["layers.1.ffn.experts.w1"].size(0) == 4 and part["layers.0.attn.wo.weight"].size(1) == 16
+            for k, t in part.items():
+                d = next((d for d in range(t.dim()) if t.size(d) != full[k].size(d)), None)
+                assert torch.equal(t, full[k] if d is None else full[k].narrow(d, rank * t.size(d), t.size(d))), k
+    with pytest.raises(CheckpointError, match="inside a 128-block"):  # keeping FP8 needs block-aligned cuts
+        Transformer.from_pretrained(tmp_path / "fp8", dtype=FP8_DTYPE, rank=1, world_size=2)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.multiprocessing.spawn(_parallel_worker, args=(2, tmp_path, tokens), nprocs=2)
+    got = torch.load(tmp_path / "parallel.pt")
+    for name in ("float32", "fp8"):
+        one = Transformer.from_pretrained(tmp_path / name)
+        assert rel(got[name], one(tokens)) < 1e-5
+        plain = one.generate(tokens, 8)
+        assert torch.equal(got[name, "greedy"], plain) and torch.equal(got[name, "speculative"], plain)
+
+
+def test_torchrun_infer_prints_what_one_process_prints(ckpt):
+    """`torchrun --nproc-per-node 2 infer.py`: rank 0 streams the same sampled text as one process
+    (every rank samples with the same seed); the other rank prints nothing."""
+    flags = ["--ckpt", ckpt, "--prompt", "def f(x):", "--max-new-tokens", "12", "--seed", "3"]
+    one = run_script(*flags)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "infer.py", *flags],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and len(one.stdout) > len("def f(x):")
+    assert two.stderr.count("decode") == 1
+
+
+def test_dry_run_memory_per_rank_of_deepseek_v3_in_fp8(capsys):
+    """671B over 8 ranks, FP8 kept: the routed experts by hand are 58 MoE layers + 1 MTP layer, 32
+    experts per rank, 3 matrices of 2048 x 7168 bytes with one float32 scale per 128 x 128 block."""
+    code, out, err = run_main(capsys, "--ckpt", "deepseek-v3", "--dtype", "fp8", "--dry-run", "8")
+    experts = 59 * 32 * 3 * (2048 * 7168 + 16 * 56 * 4) / 2**30
+    assert code == 0 and f"{experts:.4g} GiB routed experts" in out
+    assert f"{(61 + 1) * 576 * 2:,} bytes per token" in out  # latent 512 + RoPE key 64, bf16, MTP layer too
+    code, out, err = run_main(capsys, "--ckpt", "deepseek-v3", "--dry-run", "7")
+    assert code != 0 and "does not split over 7 ranks" in err
