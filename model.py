@@ -552,13 +552,13 @@ class Experts(nn.Module):
     def forward(self, x, weights, idx):
         """x (N, D), weights/idx (N, K) -> sum_k weights[:, k] * expert_{idx[:, k]}(x): (N, D)."""
         (N, K), E = idx.shape, self.w1.size(0)
-        flat = idx.flatten() - self.first                # (N*K,) one entry per token-expert pair
-        if E < self.n_experts:  # expert parallel: another rank's expert -> E, sorted last, dropped
-            flat = torch.where((flat >= 0) & (flat < E), flat, E)
+        flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
+        if E < self.n_experts:  # expert parallel: local ids; another rank's expert -> E, sorted last
+            flat = torch.where((idx >= self.first) & (idx < self.first + E), idx - self.first, E).flatten()
         order = flat.argsort(stable=True)                # pairs grouped by expert
         counts = flat.bincount(minlength=E)[:E]
         if E < self.n_experts:
-            order = order[:int(counts.sum())]
+            order = order[:int(counts.sum())]            # drop the other ranks' pairs
         # grouped GEMM touches only the chosen experts: on CUDA always; on CPU (where torch's
         # grouped_mm loops over groups) only for a few tokens, as in decoding (measured +16%)
         if ((x.is_cuda or N * K < E * 8) and hasattr(F, "grouped_mm")  # torch >= 2.9
@@ -952,43 +952,43 @@ class Transformer(nn.Module):
         handles = {}
 
         def read(key, want):
-            """This rank's part of tensor `key`, dequantized unless FP8 is kept -> (tensor, FP8
-            scales or None). Where the published tensor is world_size times larger than `want`
-            along one dim (split heads, FFN width, vocabulary), rows [rank n, (rank + 1) n) of that
-            dim are read; for FP8 the whole 128-blocks around them, so the scales line up."""
+            """This rank's part of tensor `key` -> (tensor, FP8 block scales or None). Where the
+            published tensor is world_size times `want` along one dim (split heads, FFN width,
+            vocabulary), rank r reads rows [r n, (r + 1) n) of it, for FP8 the 128-blocks around
+            them with their scales; dequantized unless FP8 is kept."""
             fh = handles[where[key]]
-            full, scale_key = fh.get_slice(key).get_shape(), key.replace(".weight", ".weight_scale_inv")
+            full = fh.get_slice(key).get_shape()
             split = [d for d, (m, n) in enumerate(zip(full, want)) if m != n]
-            if len(full) != len(want) or len(split) > 1 or split and full[split[0]] != want[split[0]] * world_size:
-                raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)}"
-                                      f"{f' on each of {world_size} ranks' if world_size > 1 else ''}, found {tuple(full)}")
-            d, (lo, hi) = (split[0], (rank * want[split[0]], (rank + 1) * want[split[0]])) if split else (0, (0, full[0]))
-            fp8 = scale_key in where and fh.get_slice(key).get_dtype() == "F8_E4M3"
-            b0, b1 = (lo // FP8_BLOCK, -(-hi // FP8_BLOCK)) if fp8 else (0, 0)  # blocks covering [lo, hi)
-            start = b0 * FP8_BLOCK if fp8 else lo
-            part = lambda h, k, a, b: h.get_slice(k)[(slice(None),) * d + (slice(a, b),)] if split else h.get_tensor(k)
-            t = part(fh, key, start, min(b1 * FP8_BLOCK, full[d]) if fp8 else hi)
-            if not fp8:
-                return t, None
+            if len(full) != len(want) or len(split) > 1 or split and full[split[0]] != world_size * want[split[0]]:
+                per_rank = f" on each of {world_size} ranks" if world_size > 1 else ""
+                raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)}{per_rank}, found {tuple(full)}")
+            d = split[0] if split else 0
+            lo, hi = (rank * want[d], (rank + 1) * want[d]) if split else (0, full[0])
+            rows = lambda fh, k, a, b: fh.get_slice(k)[(slice(None),) * d + (slice(a, b),)]
+            scale_key = key.replace(".weight", ".weight_scale_inv")
+            if scale_key not in where or fh.get_slice(key).get_dtype() != "F8_E4M3":
+                return rows(fh, key, lo, hi), None
+            b0, b1 = lo // FP8_BLOCK, -(-hi // FP8_BLOCK)  # the 128-blocks covering [lo, hi)
+            t = rows(fh, key, b0 * FP8_BLOCK, min(b1 * FP8_BLOCK, full[d]))
             handles.setdefault(where[scale_key], safe_open(path / where[scale_key], "pt", device=str(device)))
-            scale = part(handles[where[scale_key]], scale_key, b0, b1)
-            if keep_fp8 and start != lo:
-                raise CheckpointError(f"{key}: rank {rank}'s rows start at {lo}, inside a 128-block; "
-                                      "keep FP8 with a number of ranks that splits at block edges, or load as bfloat16")
+            scale = rows(handles[where[scale_key]], scale_key, b0, b1)
+            if keep_fp8 and lo % FP8_BLOCK:
+                raise CheckpointError(f"{key}: rank {rank}'s rows start at {lo}, inside a 128-block; keep FP8 "
+                                      "with a number of ranks that cuts at block edges, or load as bfloat16")
             if not keep_fp8:
                 t, scale = fp8_dequantize(t, scale), None
-            return t.narrow(d, lo - start, hi - lo), scale
+            return t.narrow(d, lo - b0 * FP8_BLOCK, hi - lo), scale
 
         try:
             for f in tqdm(files, desc="loading", unit="shard", disable=len(files) < 2):
                 handles[f] = safe_open(path / f, "pt", device=str(device))
                 for key in handles[f].keys():
                     if key not in targets:
-                        continue  # another rank's slice or expert, or unused (e.g. MTP copies of the embedding)
+                        continue  # another rank's expert, or unused (the MTP layer's copy of the embedding)
                     name, dest, j = targets.pop(key)
                     t, scale = read(key, dest.shape[1:] if j is not None else dest.shape)
                     if t.dtype == FP8_DTYPE and scale is None:
-                        raise CheckpointError(f"{key} is FP8 but {key.replace('.weight', '.weight_scale_inv')} is missing")
+                        raise CheckpointError(f"{key} is FP8 but its weight_scale_inv is missing")
                     if dest.dtype == FP8_DTYPE and scale is None:  # a high-precision tensor where we keep FP8
                         t, scale = fp8_quantize(t, (FP8_BLOCK, FP8_BLOCK))
                     with torch.no_grad():
