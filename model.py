@@ -218,7 +218,8 @@ def yarn_mscale(factor, mscale=1.0):
 
 
 def precompute_freqs_cis(args):
-    """Complex rotations e^{i * pos * freq} for the qk_rope_head_dim / 2 pairs: (max_seq_len, R/2).
+    """Rotations e^{i * pos * freq} for the qk_rope_head_dim / 2 pairs, stored as real numbers
+    (cos, sin): (max_seq_len, R/2, 2). Real, not complex, so that torch.compile can fuse RoPE.
 
     With YaRN (rope_factor > 1) the frequencies that turn fewer than beta_slow times over the
     original context are interpolated (divided by the factor), those that turn more than
@@ -235,15 +236,16 @@ def precompute_freqs_cis(args):
         freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
     m = yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(args.rope_factor, args.mscale_all_dim)
-    return torch.polar(torch.full_like(angles, m), angles).to(torch.complex64)
+    return (m * torch.stack([angles.cos(), angles.sin()], dim=-1)).float()
 
 
 def apply_rope(x, freqs_cis):
-    """Rotate (B, T, H, R) by freqs (T, R/2) or (B, T, R/2); dims (2i, 2i+1) form one pair, the
-    interleaved layout of the published weights (not the half-split layout of Llama in HF)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))       # (B, T, H, R/2)
-    freqs = freqs_cis.view(-1, x.size(1), 1, xc.size(-1))               # (B|1, T, 1, R/2)
-    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+    """Rotate (B, T, H, R) by freqs (T, R/2, 2) or (B, T, R/2, 2); dims (2i, 2i+1) form one pair,
+    the interleaved layout of the published weights (not the half-split layout of Llama in HF).
+    The complex product (x0 + i x1)(cos + i sin), written out in real arithmetic."""
+    cos, sin = freqs_cis.view(-1, x.size(1), 1, x.size(-1) // 2, 2).unbind(-1)  # (B|1, T, 1, R/2)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                        # (B, T, H, R/2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,9 +102,9 @@ def test_yarn_frequencies_and_softmax_scale_match_hand_computation():
     # = 0.105 for t = 32 (floor 0) and 1.61 for t = 1 (ceil 2): ramp = 0, 0.5, 1, 1 over the pairs;
     # freq = f/4 * ramp + f * (1 - ramp)
     expected = torch.tensor([1.0, 0.1 * (0.5 / 4 + 0.5), 0.01 / 4, 0.001 / 4], dtype=torch.float64)
-    freqs = precompute_freqs_cis(args)
-    assert torch.allclose(freqs[1].angle().double(), expected, rtol=1e-6)
-    assert torch.allclose(freqs[7].abs(), torch.ones(4))  # mscale / mscale_all_dim = 1
+    cos, sin = precompute_freqs_cis(args).unbind(-1)               # (max_seq_len, 4) each
+    assert torch.allclose(torch.atan2(sin[1], cos[1]).double(), expected, rtol=1e-6)
+    assert torch.allclose(torch.hypot(cos[7], sin[7]), torch.ones(4))  # mscale / mscale_all_dim = 1
     m = 0.1 * math.log(4.0) + 1  # 1.13863
     assert MLA(args).softmax_scale == pytest.approx(24 ** -0.5 * m * m, rel=1e-12)
     v3 = ModelArgs.from_preset("deepseek-v3")  # factor 40, qk_head_dim 192
@@ -122,6 +122,21 @@ def test_rope_uses_interleaved_pairs():
     want = [1 * math.cos(a0) - 2 * math.sin(a0), 1 * math.sin(a0) + 2 * math.cos(a0),
             3 * math.cos(a1) - 4 * math.sin(a1), 3 * math.sin(a1) + 4 * math.cos(a1)]
     assert torch.allclose(y, torch.tensor(want), atol=1e-5)
+
+
+def test_real_rope_equals_complex_product():
+    """apply_rope's real arithmetic against the complex form (x_2i + i x_2i+1) e^{i pos theta_i},
+    angles by hand, float64; positions shared by the batch (training) or per row (decoding)."""
+    from model import apply_rope
+    args = small_args(qk_rope_head_dim=8)
+    freqs = precompute_freqs_cis(args)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [9, 20, 33, 50, 63]])
+    angles = pos[..., None] * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # (2, 5, 4)
+    want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (4, 2)))
+                              * torch.polar(torch.ones_like(angles), angles)[:, :, None]).flatten(-2)
+    assert rel(apply_rope(x, freqs[pos]), want) < 1e-6
+    assert rel(apply_rope(x[:1], freqs[:5]), want[:1]) < 1e-6
 
 
 # ---------------------------------------------------------------------------- gate and MoE
