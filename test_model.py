@@ -216,6 +216,19 @@ def test_moe_dispatch_equals_per_token_reference(score_func):
     assert rel(y.view(-1, args.dim), ref) < 1e-5
 
 
+def test_experts_decode_branch_equals_sorted_dispatch():
+    torch.manual_seed(0)
+    args = small_args()
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(12, args.dim)
+    w, idx, _ = moe.gate(x)
+    dispatched = moe.experts(x, w, idx)        # 24 token-expert pairs >= 8 experts: sorted dispatch
+    for n in range(0, 12, 3):                  # 3 tokens, 6 pairs < 8 experts: the decode branch
+        assert rel(moe.experts(x[n:n + 3], w[n:n + 3], idx[n:n + 3]), dispatched[n:n + 3]) < 1e-5
+
+
 def test_grouped_mm_path_equals_padded_path():
     if not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no grouped_mm")
