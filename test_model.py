@@ -95,6 +95,25 @@ def test_cached_decoding_reproduces_full_forward(q_lora_rank):
         assert rel(cached[:, t], full[:, t]) < 1e-5, t
 
 
+@pytest.mark.parametrize("T", [1, 2])
+def test_static_shape_step_over_whole_cache_equals_cut_cache(T):
+    """The step that torch.compile gets attends the whole cache (a fixed shape) with the keys past
+    each position masked: the same logits as cutting the cache at kv_len, and as the full forward."""
+    model = random_model(rope_factor=4.0, original_seq_len=16)
+    tokens = torch.randint(0, 64, (2, 21))
+    full = model(tokens)
+    model.setup_cache(2, 21)
+    S = model.layers[0].attn.kv_cache.size(1)
+    assert S == 64  # rounded up to 256, capped at max_seq_len
+    with torch.no_grad():
+        model.decode_step(tokens[:, :5], torch.arange(5).expand(2, 5), 5)
+        for t in range(5, 21 - T + 1, T):
+            pos = torch.arange(t, t + T).expand(2, T)
+            cut = model.decode_step(tokens[:, t:t + T], pos, t + T)[1]
+            static = model.decode_step(tokens[:, t:t + T], pos, S)[1]
+            assert rel(static, cut) < 1e-5 and rel(static, full[:, t:t + T]) < 1e-5, t
+
+
 def test_yarn_frequencies_and_softmax_scale_match_hand_computation():
     args = small_args(qk_rope_head_dim=8, qk_nope_head_dim=16, rope_theta=10000.0, rope_factor=4.0,
                       original_seq_len=256, beta_fast=32, beta_slow=1, max_seq_len=300)
@@ -460,6 +479,40 @@ def test_speculative_greedy_equals_plain_greedy(memorizer):
     assert torch.equal(plain, spec)
     assert 0 < stats["accepted"] < stats["drafted"]
     assert torch.equal(plain[0, 6:30], seq[0, 6:30])  # the memoriser does recite
+
+
+def test_static_shape_generation_equals_plain_greedy(memorizer, monkeypatch):
+    """generate(compile=True) with torch.compile as the identity: the static-shape steps (whole
+    cache, fused speculative step) give the tokens of plain greedy decoding."""
+    model, seq = memorizer
+    torch.manual_seed(0)
+    prompt = torch.cat([seq[:, :6], torch.randint(0, 64, (1, 6))])  # drafts accepted / rejected
+    plain = model.generate(prompt, 30)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    try:
+        assert torch.equal(model.generate(prompt, 30, compile=True), plain)
+        assert torch.equal(model.generate(prompt, 30, speculative=True, compile=True), plain)
+    finally:
+        del model._compiled_steps
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="compiles for ~40 s on 2 cores; "
+                    "run with TEST_COMPILE=1")
+def test_compiled_generation_equals_eager():
+    from torch._dynamo.utils import counters
+    model = random_model(n_layers=2)
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 64, (2, 6))
+    plain = model.generate(prompt, 20)
+    assert torch.equal(model.generate(prompt, 20, compile=True), plain)
+    assert torch.equal(model.generate(prompt, 20, speculative=True, compile=True), plain)
+    step = model.compiled_steps()[0]
+    S, pos = model.layers[0].attn.kv_cache.size(1), torch.full((2, 1), 26)
+    with torch.inference_mode():  # the cache was made by generate, under inference mode
+        assert rel(step(plain[:, 25:26], pos, S)[1], model.decode_step(plain[:, 25:26], pos, S)[1]) < 1e-5
+    graphs = counters["stats"]["unique_graphs"]
+    model.generate(prompt[:, :4], 22, compile=True)  # same batch, same cache length: no recompile
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def _chi2_critical(df, z=3.09):  # Wilson-Hilferty quantile of chi^2(df); z = 3.09 is p = 0.001
