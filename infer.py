@@ -8,6 +8,7 @@ written, then one line of speed; or a benchmark of MTP speculative decoding agai
     python infer.py --fim-prefix $'def add(a, b):\\n    ' --fim-suffix $'\\n\\nprint(add(1, 2))\\n'   # bash
     python infer.py --speculative                          # MTP drafts, the main model verifies (§2.2)
     python infer.py --bench                                # plain vs speculative greedy: tokens/s, acceptance
+    python infer.py --bench --compile                      # the same with compiled static-shape decode steps
     python infer.py --ckpt path/to/DeepSeek-V3 --dtype fp8 --prompt "Hello"   # published layout
     torchrun --nproc-per-node 8 infer.py --ckpt path/to/DeepSeek-V3 --dtype fp8 --prompt-ids 0,100
         # tensor parallel attention/FFN + expert parallel MoE, one rank per GPU
@@ -86,7 +87,10 @@ def get_parser():
     add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     add("--dtype", choices=list(DTYPES), help="weights and compute; fp8 keeps FP8 weights with bfloat16 compute "
         "(default: bfloat16 on cuda, float32 on cpu)")
-    add("--compile", action="store_true", help="torch.compile each block (the first tokens wait for the compiler)")
+    add("--compile", action="store_true", help="decode with compiled static-shape steps (torch.compile; the "
+        "first tokens wait for the compiler, ~15-60 s on a CPU)")
+    add("--threads", type=positive_int, help="CPU threads (default: torch's, one per core; on 2 cores, 1 and 2 "
+        "threads decode the tiny model equally fast within the noise of a shared machine)")
     add("--dry-run", type=positive_int, nargs="?", const=1, metavar="RANKS", help="print the memory per rank of "
         "serving --ckpt (only its config.json is read; or a preset name, e.g. deepseek-v3) on RANKS ranks, load nothing")
     return p
@@ -213,7 +217,7 @@ def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show
     synchronize(a.device)
     t0 = time.perf_counter()
     out = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative,
-                         top_k=a.top_k, callback=callback, stats=stats)
+                         top_k=a.top_k, callback=callback, stats=stats, compile=a.compile)
     synchronize(a.device)
     return out[0, T0:].tolist(), marks[0] - t0, time.perf_counter() - marks[0], stats
 
@@ -238,13 +242,19 @@ def peak_memory(device):
 
 
 def bench(model, ids, a):
-    """Plain and speculative greedy decoding of the same prompt after one short warm-up each."""
+    """Plain and speculative greedy decoding of the same prompt after one short warm-up each (which
+    compiles, with --compile: the cache has its final size first, so the timed runs reuse the graphs)."""
+    model.setup_cache(1, len(ids) + a.max_new_tokens + 1)
+    t0 = time.perf_counter()
     for spec in (False, True):
         timed_generate(model, ids, a, min(a.max_new_tokens, 16), 0.0, spec)
+    warmup = time.perf_counter() - t0
     runs = {name: timed_generate(model, ids, a, a.max_new_tokens, 0.0, spec)
             for name, spec in (("plain", False), ("speculative", True))}
     speed = {name: (a.max_new_tokens - 1) / r[2] for name, r in runs.items()}
-    print(f"bench: {a.device} {a.dtype}, batch 1, prompt {len(ids)} tokens, {a.max_new_tokens} new tokens, greedy")
+    print(f"bench: {a.device} {a.dtype}, {torch.get_num_threads()} thread(s), batch 1, prompt {len(ids)} tokens, "
+          f"{a.max_new_tokens} new tokens, greedy, {'compiled' if a.compile else 'eager'} "
+          f"(warm-up{' and compilation' if a.compile else ''} {warmup:.1f} s)")
     print(f"{'decoding':<12} {'decode tokens/s':>15} {'speedup':>8} {'MTP acceptance':>15}")
     for name, r in runs.items():
         accepted = acceptance(r[3]) if r[3] else "-"
@@ -299,6 +309,8 @@ def main(argv=None):
     rank, world, a.device = init_distributed(a.device)
     if rank:  # ranks other than 0 compute silently; rank 0 prints
         sys.stdout = open(os.devnull, "w")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model = load_model(a, rank, world)
     margs = model.args
     if (a.speculative or a.bench) and not margs.n_mtp:
@@ -312,9 +324,6 @@ def main(argv=None):
     if a.max_new_tokens > room:
         die(f"the prompt ({len(ids)} tokens) + --max-new-tokens {a.max_new_tokens} exceed the context of "
             f"{margs.max_seq_len}; use --max-new-tokens {room} or less")
-    if a.compile:
-        for block in [*model.layers, *(m.block for m in model.mtp)]:
-            block.compile(dynamic=True)
     torch.manual_seed(a.seed)
     if a.bench:
         if a.max_new_tokens < 2:

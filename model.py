@@ -231,7 +231,8 @@ def yarn_mscale(factor, mscale=1.0):
 
 
 def precompute_freqs_cis(args):
-    """Complex rotations e^{i * pos * freq} for the qk_rope_head_dim / 2 pairs: (max_seq_len, R/2).
+    """Rotations e^{i * pos * freq} for the qk_rope_head_dim / 2 pairs, stored as real numbers
+    (cos, sin): (max_seq_len, R/2, 2). Real, not complex, so that torch.compile can fuse RoPE.
 
     With YaRN (rope_factor > 1) the frequencies that turn fewer than beta_slow times over the
     original context are interpolated (divided by the factor), those that turn more than
@@ -248,15 +249,16 @@ def precompute_freqs_cis(args):
         freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)
     angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
     m = yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(args.rope_factor, args.mscale_all_dim)
-    return torch.polar(torch.full_like(angles, m), angles).to(torch.complex64)
+    return (m * torch.stack([angles.cos(), angles.sin()], dim=-1)).float()
 
 
 def apply_rope(x, freqs_cis):
-    """Rotate (B, T, H, R) by freqs (T, R/2) or (B, T, R/2); dims (2i, 2i+1) form one pair, the
-    interleaved layout of the published weights (not the half-split layout of Llama in HF)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))       # (B, T, H, R/2)
-    freqs = freqs_cis.view(-1, x.size(1), 1, xc.size(-1))               # (B|1, T, 1, R/2)
-    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+    """Rotate (B, T, H, R) by freqs (T, R/2, 2) or (B, T, R/2, 2); dims (2i, 2i+1) form one pair,
+    the interleaved layout of the published weights (not the half-split layout of Llama in HF).
+    The complex product (x0 + i x1)(cos + i sin), written out in real arithmetic."""
+    cos, sin = freqs_cis.view(-1, x.size(1), 1, x.size(-1) // 2, 2).unbind(-1)  # (B|1, T, 1, R/2)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                        # (B, T, H, R/2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +457,7 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, pos, kv_len):
         a = self.args
         wkv_b = self.wkv_b.dequantized_weight(q_nope.dtype)
-        wkv_b = rearrange(wkv_b, "(h d) c -> h d c", h=self.n_heads)       # (H, nope + v, C)
+        wkv_b = wkv_b.unflatten(0, (self.n_heads, -1))                      # (H, nope + v, C)
         w_uk, w_uv = wkv_b.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
         kv, pe = self.kv_cache[:pos.size(0), :kv_len], self.pe_cache[:pos.size(0), :kv_len]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)               # (B, T, H, C)
@@ -552,6 +554,22 @@ class Experts(nn.Module):
     def forward(self, x, weights, idx):
         """x (N, D), weights/idx (N, K) -> sum_k weights[:, k] * expert_{idx[:, k]}(x): (N, D)."""
         (N, K), E = idx.shape, self.w1.size(0)
+        compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        if ((N * K < E or compiled_inference) and not x.is_cuda and not self.fp8
+                and self.w1.dtype != FP8_DTYPE):
+            # decoding on CPU: gather each token's K experts' weights and multiply. No sort and
+            # no host sync (int(...)), so a compiled decode step is one graph (for any batch: on
+            # CPU the paths below do not compile whole). One gathered weight at a time: with three
+            # such temporaries alive, malloc hands their pages back to the system and faults them
+            # in again on every call (a two-token step measured 1.5x slower)
+            if E < self.n_experts:  # expert parallel: another rank's expert counts with weight 0
+                mine = (idx >= self.first) & (idx < self.first + E)
+                idx, weights = (idx - self.first).clamp(0, E - 1), weights * mine
+            gather = lambda w: w.index_select(0, idx.flatten()).unflatten(0, (N, K))  # (N, K, *, *)
+            h = (F.silu(torch.einsum("nd,nkid->nki", x, gather(self.w1)))
+                 * torch.einsum("nd,nkid->nki", x, gather(self.w3)))                  # (N, K, I)
+            y = torch.einsum("nki,nkdi->nkd", h, gather(self.w2))                    # (N, K, D)
+            return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
         flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
         if E < self.n_experts:  # expert parallel: local ids; another rank's expert -> E, sorted last
             flat = torch.where((idx >= self.first) & (idx < self.first + E), idx - self.first, E).flatten()
@@ -766,23 +784,71 @@ class Transformer(nn.Module):
     # Generation: static KV cache, absorbed attention, MTP speculative decoding
 
     def setup_cache(self, batch_size, max_len):
+        """Give every MLA a latent cache of at least (batch_size, max_len); the length is rounded up
+        to a multiple of 256, since a compiled decode step is specialised to the cache's shape."""
         a, p = self.args, self.embed.weight
-        dtype = p.dtype
+        dtype, max_len = p.dtype, min(-(-max_len // 256) * 256, a.max_seq_len)
         for m in self.modules():
             if isinstance(m, MLA) and (m.kv_cache is None or m.kv_cache.size(0) < batch_size
                                        or m.kv_cache.size(1) < max_len or m.kv_cache.dtype != dtype):
                 m.kv_cache = torch.zeros(batch_size, max_len, a.kv_lora_rank, device=p.device, dtype=dtype)
                 m.pe_cache = torch.zeros(batch_size, max_len, a.qk_rope_head_dim, device=p.device, dtype=dtype)
 
+    def decode_step(self, tokens, pos, kv_len):
+        """tokens (B, T) at positions pos (B, T), attending cached keys [0, kv_len) -> hidden
+        states (B, T, D) and logits (B, T, V)."""
+        h = self.trunk(tokens, pos, kv_len)
+        return h, self.head(h)
+
+    def draft_step(self, h, next_tokens, pos, kv_len):
+        """MTP draft: main hidden states h (B, T, D) at pos paired with the tokens that follow them
+        (B, T) -> logits (B, T, V) for the token after those."""
+        return self.head(self.mtp[0](h, self.embed(next_tokens), self.freqs_cis[pos], pos, kv_len))
+
+    def speculative_step(self, inp, pos, kv_len, q, temperature, top_p, top_k):
+        """One round of MTP speculative decoding. inp (B, 2) = (last token, draft d) at pos (B, 2);
+        q (B, V): the draft's probabilities (None when greedy). The main model scores both: d is
+        accepted if it is the greedy choice, or when sampling with probability min(1, p(d)/q(d)),
+        else replaced by a sample of max(p - q, 0), which keeps p's distribution; the token after
+        d comes with it. Then the MTP module drafts at both positions. -> tok0, tok1, accept (B,),
+        draft logits (B, 2, V)."""
+        draft, pick = inp[:, 1], lambda logits: sample(logits, temperature, top_p, top_k)
+        h, logits = self.decode_step(inp, pos, kv_len)                     # (B, 2, D), (B, 2, V)
+        if temperature == 0:
+            target = logits[:, 0].argmax(-1)
+            accept = target == draft
+        else:
+            p0 = probs(logits[:, 0], temperature, top_p, top_k)
+            ratio = p0.gather(1, draft[:, None]) / q.gather(1, draft[:, None])
+            accept = torch.rand_like(ratio[:, 0]) < ratio[:, 0]
+            residual = (p0 - q).clamp(min=0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)
+            target = torch.multinomial(residual, 1)[:, 0]
+        tok0 = torch.where(accept, draft, target)
+        tok1 = pick(logits[:, 1])
+        return tok0, tok1, accept, self.draft_step(h, torch.stack([tok0, tok1], 1), pos, kv_len)
+
+    def compiled_steps(self):
+        """decode_step and speculative_step through torch.compile, made once per model. Shapes are
+        static (kv_len is always the cache length: keys past each position are masked, not cut),
+        so one graph serves every step; torch recompiles only for a new batch size or cache length.
+        The C++ wrapper calls the kernels without Python in between (measured 1.3-1.6x per step)."""
+        if not hasattr(self, "_compiled_steps"):
+            c = lambda f: torch.compile(f, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+            self._compiled_steps = c(self.decode_step), c(self.speculative_step)
+        return self._compiled_steps
+
     @torch.inference_mode()
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculative=False,
-                 top_k=0, callback=None, stats=None):
+                 top_k=0, callback=None, stats=None, compile=False):
         """Append max_new_tokens to tokens (B, T0) -> (B, T0 + max_new_tokens). The prompt goes
         through in one forward (expanded attention, filling the cache), then each step feeds only
         the new token(s) through the absorbed path. speculative=True drafts with the first MTP
         module and verifies in the main model; greedy output is unchanged and sampled output
-        keeps the main model's distribution (rejection sampling). callback(out, lengths) is
-        called after each step with the buffer and the per-row number of valid tokens."""
+        keeps the main model's distribution (rejection sampling). compile=True runs the steps
+        through compiled_steps, attending the whole cache (the first call waits for the compiler).
+        callback(out, lengths) is called after each step with the buffer and the per-row number
+        of valid tokens."""
         B, T0 = tokens.shape
         total = T0 + max_new_tokens
         if max_new_tokens <= 0:
@@ -793,25 +859,28 @@ class Transformer(nn.Module):
         if speculative and not len(self.mtp):
             raise ValueError("speculative decoding needs an MTP module (n_mtp >= 1)")
         self.setup_cache(B, total + speculative)
+        step, spec_step = self.compiled_steps() if compile else (self.decode_step, self.speculative_step)
+        S = self.layers[0].attn.kv_cache.size(1)
+        span = (lambda kv_len: S) if compile else (lambda kv_len: kv_len)  # compiled: static shapes
         out = torch.zeros(B, total + 2, dtype=torch.long, device=tokens.device)
         out[:, :T0] = tokens
         pos = torch.arange(T0, device=tokens.device).expand(B, T0)
         h = self.trunk(tokens, pos, T0)
         pick = lambda logits: sample(logits, temperature, top_p, top_k)
-        out[:, T0] = pick(self.head(h[:, -1]))
+        out[:, T0] = tok = pick(self.head(h[:, -1]))                      # (B,)
         n = torch.full((B,), T0 + 1, device=tokens.device)  # tokens known per row
         if callback:
             callback(out[:, :total], n)
         if not speculative:
             for t in range(T0 + 1, total):
                 p = torch.full((B, 1), t - 1, device=tokens.device)
-                out[:, t] = pick(self.head(self.trunk(out[:, t - 1:t], p, t)[:, -1]))
+                out[:, t] = tok = pick(step(tok[:, None], p, span(t))[1][:, -1])
                 if callback:
                     callback(out[:, :total], n.fill_(t + 1))
             return out[:, :total]
 
         # MTP prefill: position i pairs the main hidden state h_i with Emb(t_{i+1}) -> draft t_{i+2}
-        mtp_logits = self.head(self.mtp[0](h, self.embed(out[:, 1:T0 + 1]), self.freqs_cis[pos], pos, T0))
+        mtp_logits = self.draft_step(h, out[:, 1:T0 + 1], pos, T0)
         q = probs(mtp_logits[:, -1], temperature, top_p, top_k) if temperature else None
         draft = pick(mtp_logits[:, -1])
         rows, steps = torch.arange(B, device=tokens.device), torch.arange(2, device=tokens.device)
@@ -819,28 +888,12 @@ class Transformer(nn.Module):
             active = n < total
             pos = (n - 1)[:, None] + steps                                  # (B, 2)
             inp = torch.stack([out[rows, n - 1], draft], dim=1)
-            kv_len = int(n.max()) + 1
-            h = self.trunk(inp, pos, kv_len)
-            logits = self.head(h)                                           # (B, 2, V)
-            if temperature == 0:
-                target = logits[:, 0].argmax(-1)
-                accept = target == draft
-            else:  # accept d with prob min(1, p(d)/q(d)), else resample from max(p - q, 0)
-                p0 = probs(logits[:, 0], temperature, top_p, top_k)
-                ratio = p0.gather(1, draft[:, None]) / q.gather(1, draft[:, None])
-                accept = torch.rand_like(ratio[:, 0]) < ratio[:, 0]
-                residual = (p0 - q).clamp(min=0)
-                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)
-                target = torch.multinomial(residual, 1)[:, 0]
-            tok0 = torch.where(accept, draft, target)
-            tok1 = pick(logits[:, 1])
+            tok0, tok1, accept, mtp_logits = spec_step(inp, pos, span(int(n.max()) + 1), q,
+                                                       temperature, top_p, top_k)
             accept &= active
             out[rows, torch.where(active, n, total + 1)] = tok0
             out[rows, torch.where(accept, n + 1, total + 1)] = tok1
-            # MTP over both positions; keep the draft made at the last accepted one
-            mtp_logits = self.head(self.mtp[0](h, self.embed(torch.stack([tok0, tok1], 1)),
-                                               self.freqs_cis[pos], pos, kv_len))
-            last = mtp_logits[rows, accept.long()]
+            last = mtp_logits[rows, accept.long()]  # the draft made at the last accepted position
             q = probs(last, temperature, top_p, top_k) if temperature else None
             draft = pick(last)
             if stats is not None:

@@ -95,6 +95,25 @@ def test_cached_decoding_reproduces_full_forward(q_lora_rank):
         assert rel(cached[:, t], full[:, t]) < 1e-5, t
 
 
+@pytest.mark.parametrize("T", [1, 2])
+def test_static_shape_step_over_whole_cache_equals_cut_cache(T):
+    """The step that torch.compile gets attends the whole cache (a fixed shape) with the keys past
+    each position masked: the same logits as cutting the cache at kv_len, and as the full forward."""
+    model = random_model(rope_factor=4.0, original_seq_len=16)
+    tokens = torch.randint(0, 64, (2, 21))
+    full = model(tokens)
+    model.setup_cache(2, 21)
+    S = model.layers[0].attn.kv_cache.size(1)
+    assert S == 64  # rounded up to 256, capped at max_seq_len
+    with torch.no_grad():
+        model.decode_step(tokens[:, :5], torch.arange(5).expand(2, 5), 5)
+        for t in range(5, 21 - T + 1, T):
+            pos = torch.arange(t, t + T).expand(2, T)
+            cut = model.decode_step(tokens[:, t:t + T], pos, t + T)[1]
+            static = model.decode_step(tokens[:, t:t + T], pos, S)[1]
+            assert rel(static, cut) < 1e-5 and rel(static, full[:, t:t + T]) < 1e-5, t
+
+
 def test_yarn_frequencies_and_softmax_scale_match_hand_computation():
     args = small_args(qk_rope_head_dim=8, qk_nope_head_dim=16, rope_theta=10000.0, rope_factor=4.0,
                       original_seq_len=256, beta_fast=32, beta_slow=1, max_seq_len=300)
@@ -102,9 +121,9 @@ def test_yarn_frequencies_and_softmax_scale_match_hand_computation():
     # = 0.105 for t = 32 (floor 0) and 1.61 for t = 1 (ceil 2): ramp = 0, 0.5, 1, 1 over the pairs;
     # freq = f/4 * ramp + f * (1 - ramp)
     expected = torch.tensor([1.0, 0.1 * (0.5 / 4 + 0.5), 0.01 / 4, 0.001 / 4], dtype=torch.float64)
-    freqs = precompute_freqs_cis(args)
-    assert torch.allclose(freqs[1].angle().double(), expected, rtol=1e-6)
-    assert torch.allclose(freqs[7].abs(), torch.ones(4))  # mscale / mscale_all_dim = 1
+    cos, sin = precompute_freqs_cis(args).unbind(-1)               # (max_seq_len, 4) each
+    assert torch.allclose(torch.atan2(sin[1], cos[1]).double(), expected, rtol=1e-6)
+    assert torch.allclose(torch.hypot(cos[7], sin[7]), torch.ones(4))  # mscale / mscale_all_dim = 1
     m = 0.1 * math.log(4.0) + 1  # 1.13863
     assert MLA(args).softmax_scale == pytest.approx(24 ** -0.5 * m * m, rel=1e-12)
     v3 = ModelArgs.from_preset("deepseek-v3")  # factor 40, qk_head_dim 192
@@ -122,6 +141,21 @@ def test_rope_uses_interleaved_pairs():
     want = [1 * math.cos(a0) - 2 * math.sin(a0), 1 * math.sin(a0) + 2 * math.cos(a0),
             3 * math.cos(a1) - 4 * math.sin(a1), 3 * math.sin(a1) + 4 * math.cos(a1)]
     assert torch.allclose(y, torch.tensor(want), atol=1e-5)
+
+
+def test_real_rope_equals_complex_product():
+    """apply_rope's real arithmetic against the complex form (x_2i + i x_2i+1) e^{i pos theta_i},
+    angles by hand, float64; positions shared by the batch (training) or per row (decoding)."""
+    from model import apply_rope
+    args = small_args(qk_rope_head_dim=8)
+    freqs = precompute_freqs_cis(args)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [9, 20, 33, 50, 63]])
+    angles = pos[..., None] * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # (2, 5, 4)
+    want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (4, 2)))
+                              * torch.polar(torch.ones_like(angles), angles)[:, :, None]).flatten(-2)
+    assert rel(apply_rope(x, freqs[pos]), want) < 1e-6
+    assert rel(apply_rope(x[:1], freqs[:5]), want[:1]) < 1e-6
 
 
 # ---------------------------------------------------------------------------- gate and MoE
@@ -199,6 +233,19 @@ def test_moe_dispatch_equals_per_token_reference(score_func):
             ref[n] += w[n, k] * (ex.w2[e] @ h)
     ref += moe.shared_experts(flat)
     assert rel(y.view(-1, args.dim), ref) < 1e-5
+
+
+def test_experts_decode_branch_equals_sorted_dispatch():
+    torch.manual_seed(0)
+    args = small_args()
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(12, args.dim)
+    w, idx, _ = moe.gate(x)
+    dispatched = moe.experts(x, w, idx)        # 24 token-expert pairs >= 8 experts: sorted dispatch
+    for n in range(0, 12, 3):                  # 3 tokens, 6 pairs < 8 experts: the decode branch
+        assert rel(moe.experts(x[n:n + 3], w[n:n + 3], idx[n:n + 3]), dispatched[n:n + 3]) < 1e-5
 
 
 def test_grouped_mm_path_equals_padded_path():
@@ -432,6 +479,40 @@ def test_speculative_greedy_equals_plain_greedy(memorizer):
     assert torch.equal(plain, spec)
     assert 0 < stats["accepted"] < stats["drafted"]
     assert torch.equal(plain[0, 6:30], seq[0, 6:30])  # the memoriser does recite
+
+
+def test_static_shape_generation_equals_plain_greedy(memorizer, monkeypatch):
+    """generate(compile=True) with torch.compile as the identity: the static-shape steps (whole
+    cache, fused speculative step) give the tokens of plain greedy decoding."""
+    model, seq = memorizer
+    torch.manual_seed(0)
+    prompt = torch.cat([seq[:, :6], torch.randint(0, 64, (1, 6))])  # drafts accepted / rejected
+    plain = model.generate(prompt, 30)
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    try:
+        assert torch.equal(model.generate(prompt, 30, compile=True), plain)
+        assert torch.equal(model.generate(prompt, 30, speculative=True, compile=True), plain)
+    finally:
+        del model._compiled_steps
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="compiles for ~40 s on 2 cores; "
+                    "run with TEST_COMPILE=1")
+def test_compiled_generation_equals_eager():
+    from torch._dynamo.utils import counters
+    model = random_model(n_layers=2)
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 64, (2, 6))
+    plain = model.generate(prompt, 20)
+    assert torch.equal(model.generate(prompt, 20, compile=True), plain)
+    assert torch.equal(model.generate(prompt, 20, speculative=True, compile=True), plain)
+    step = model.compiled_steps()[0]
+    S, pos = model.layers[0].attn.kv_cache.size(1), torch.full((2, 1), 26)
+    with torch.inference_mode():  # the cache was made by generate, under inference mode
+        assert rel(step(plain[:, 25:26], pos, S)[1], model.decode_step(plain[:, 25:26], pos, S)[1]) < 1e-5
+    graphs = counters["stats"]["unique_graphs"]
+    model.generate(prompt[:, :4], 22, compile=True)  # same batch, same cache length: no recompile
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def _chi2_critical(df, z=3.09):  # Wilson-Hilferty quantile of chi^2(df); z = 3.09 is p = 0.001
@@ -1114,6 +1195,7 @@ def _parallel_worker(rank, world, folder, tokens):
         results[name] = model(tokens)
         results[name, "greedy"] = model.generate(tokens, 8)
         results[name, "speculative"] = model.generate(tokens, 8, speculative=True)
+        results[name, "one row"] = model.generate(tokens[:1], 8)  # 1 token x 2 experts < 4: the decode branch
     if rank == 0:
         torch.save(results, folder / "parallel.pt")
     torch.distributed.destroy_process_group()
@@ -1145,6 +1227,7 @@ def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
         assert rel(got[name], one(tokens)) < 1e-5
         plain = one.generate(tokens, 8)
         assert torch.equal(got[name, "greedy"], plain) and torch.equal(got[name, "speculative"], plain)
+        assert torch.equal(got[name, "one row"], plain[:1])
 
 
 def test_torchrun_infer_prints_what_one_process_prints(ckpt):
