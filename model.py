@@ -832,9 +832,11 @@ class Transformer(nn.Module):
         """decode_step and speculative_step through torch.compile, made once per model. Shapes are
         static (kv_len is always the cache length: keys past each position are masked, not cut),
         so one graph serves every step; torch recompiles only for a new batch size or cache length.
-        The C++ wrapper calls the kernels without Python in between (measured 1.3-1.6x per step)."""
+        The C++ wrapper calls the kernels without Python in between (measured 1.3-1.6x per step);
+        it cannot call collectives yet, so tensor/expert-parallel ranks go without it."""
         if not hasattr(self, "_compiled_steps"):
-            c = lambda f: torch.compile(f, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+            options = {"cpp_wrapper": self.args.world_size == 1}
+            c = lambda f: torch.compile(f, fullgraph=True, dynamic=False, options=options)
             self._compiled_steps = c(self.decode_step), c(self.speculative_step)
         return self._compiled_steps
 
