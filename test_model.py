@@ -213,13 +213,18 @@ def test_gate_never_picks_outside_kept_groups(bias_shift):
         assert set(idx[n].tolist()) == {e for _, e in sorted(eligible, reverse=True)[:4]}
 
 
+def random_moe(std=0.2, **kw):
+    torch.manual_seed(0)
+    args = small_args(**kw)
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return moe, args
+
+
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 def test_moe_dispatch_equals_per_token_reference(score_func):
-    torch.manual_seed(0)
-    args = small_args(score_func=score_func)
-    moe = MoE(args)
-    for name, p in moe.named_parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    moe, args = random_moe(score_func=score_func)
     x = torch.randn(3, 7, args.dim)
     y = moe(x)
     flat = x.view(-1, args.dim)
@@ -236,11 +241,7 @@ def test_moe_dispatch_equals_per_token_reference(score_func):
 
 
 def test_experts_decode_branch_equals_sorted_dispatch():
-    torch.manual_seed(0)
-    args = small_args()
-    moe = MoE(args)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    moe, args = random_moe()
     x = torch.randn(12, args.dim)
     w, idx, _ = moe.gate(x)
     dispatched = moe.experts(x, w, idx)        # 24 token-expert pairs >= 8 experts: sorted dispatch
@@ -251,11 +252,7 @@ def test_experts_decode_branch_equals_sorted_dispatch():
 def test_grouped_mm_path_equals_padded_path():
     if not hasattr(F, "grouped_mm"):
         pytest.skip("this torch has no grouped_mm")
-    torch.manual_seed(0)
-    args = small_args()
-    moe = MoE(args)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    moe, args = random_moe()
     x = torch.randn(40, args.dim)
     _, idx, _ = moe.gate(x)
     order = idx.flatten().argsort(stable=True)
@@ -269,11 +266,8 @@ def test_grouped_mm_path_equals_padded_path():
 
 
 def test_sequence_balance_loss_matches_formula():
-    torch.manual_seed(0)
-    args = small_args(balance_alpha=0.01)
-    moe = MoE(args).train()
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    moe, args = random_moe(std=0.3, balance_alpha=0.01)
+    moe.train()
     x = torch.randn(2, 5, args.dim)
     moe(x)
     _, idx, s = moe.gate(x.view(-1, args.dim))
