@@ -554,6 +554,9 @@ class Experts(nn.Module):
     def forward(self, x, weights, idx):
         """x (N, D), weights/idx (N, K) -> sum_k weights[:, k] * expert_{idx[:, k]}(x): (N, D)."""
         (N, K), E = idx.shape, self.w1.size(0)
+        if E < self.n_experts:  # expert parallel: local ids; another rank's expert gets id E
+            mine = (idx >= self.first) & (idx < self.first + E)
+            idx = torch.where(mine, idx - self.first, E)
         compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
         if ((N * K < E or compiled_inference) and not x.is_cuda and not self.fp8
                 and self.w1.dtype != FP8_DTYPE):
@@ -562,18 +565,15 @@ class Experts(nn.Module):
             # CPU the paths below do not compile whole). One gathered weight at a time: with three
             # such temporaries alive, malloc hands their pages back to the system and faults them
             # in again on every call (a two-token step measured 1.5x slower)
-            if E < self.n_experts:  # expert parallel: another rank's expert counts with weight 0
-                mine = (idx >= self.first) & (idx < self.first + E)
-                idx, weights = (idx - self.first).clamp(0, E - 1), weights * mine
+            if E < self.n_experts:  # another rank's expert: any local one, with weight 0
+                idx, weights = idx.clamp(max=E - 1), weights * mine
             gather = lambda w: w.index_select(0, idx.flatten()).unflatten(0, (N, K))  # (N, K, *, *)
             h = (F.silu(torch.einsum("nd,nkid->nki", x, gather(self.w1)))
                  * torch.einsum("nd,nkid->nki", x, gather(self.w3)))                  # (N, K, I)
             y = torch.einsum("nki,nkdi->nkd", h, gather(self.w2))                    # (N, K, D)
             return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
         flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
-        if E < self.n_experts:  # expert parallel: local ids; another rank's expert -> E, sorted last
-            flat = torch.where((idx >= self.first) & (idx < self.first + E), idx - self.first, E).flatten()
-        order = flat.argsort(stable=True)                # pairs grouped by expert
+        order = flat.argsort(stable=True)                # pairs grouped by expert, id E last
         counts = flat.bincount(minlength=E)[:E]
         if E < self.n_experts:
             order = order[:int(counts.sum())]            # drop the other ranks' pairs
@@ -997,13 +997,16 @@ class Transformer(nn.Module):
                 p.data = p.data.to(compute)  # the routing bias (a buffer) stays float32
         model.to_empty(device=device)
         # every destination: published name -> (our name, tensor to fill, expert index or None)
-        targets, first = {}, rank * (args.n_routed_experts // world_size)  # first local expert
+        targets = {}
         for name, t in model.state_dict(keep_vars=True).items():
             if name.endswith("_scale") or name.endswith(".scale"):
                 continue  # filled together with their weight
             hf = hf_name(name, args.n_layers)
-            for j in (range(t.size(0)) if "{j}" in hf else [None]):  # this rank's experts only
-                targets[hf.format(j=first + j) if j is not None else hf] = (name, t, j)
+            if "{j}" in hf:  # stacked experts: this rank's, from its first one on
+                first = model.get_submodule(name.rpartition(".")[0]).first
+                targets.update({hf.format(j=first + j): (name, t, j) for j in range(t.size(0))})
+            else:
+                targets[hf] = (name, t, None)
         handles = {}
 
         def read(key, want):
@@ -1011,22 +1014,22 @@ class Transformer(nn.Module):
             published tensor is world_size times `want` along one dim (split heads, FFN width,
             vocabulary), rank r reads rows [r n, (r + 1) n) of it, for FP8 the 128-blocks around
             them with their scales; dequantized unless FP8 is kept."""
-            fh = handles[where[key]]
-            full = fh.get_slice(key).get_shape()
+            sl = handles[where[key]].get_slice(key)
+            full = sl.get_shape()
             split = [d for d, (m, n) in enumerate(zip(full, want)) if m != n]
             if len(full) != len(want) or len(split) > 1 or split and full[split[0]] != world_size * want[split[0]]:
                 per_rank = f" on each of {world_size} ranks" if world_size > 1 else ""
                 raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)}{per_rank}, found {tuple(full)}")
             d = split[0] if split else 0
             lo, hi = (rank * want[d], (rank + 1) * want[d]) if split else (0, full[0])
-            rows = lambda fh, k, a, b: fh.get_slice(k)[(slice(None),) * d + (slice(a, b),)]
+            rows = lambda s, a, b: s[(slice(None),) * d + (slice(a, b),)]  # [a, b) along dim d
             scale_key = key.replace(".weight", ".weight_scale_inv")
-            if scale_key not in where or fh.get_slice(key).get_dtype() != "F8_E4M3":
-                return rows(fh, key, lo, hi), None
+            if scale_key not in where or sl.get_dtype() != "F8_E4M3":
+                return rows(sl, lo, hi), None
             b0, b1 = lo // FP8_BLOCK, -(-hi // FP8_BLOCK)  # the 128-blocks covering [lo, hi)
-            t = rows(fh, key, b0 * FP8_BLOCK, min(b1 * FP8_BLOCK, full[d]))
+            t = rows(sl, b0 * FP8_BLOCK, min(b1 * FP8_BLOCK, full[d]))
             handles.setdefault(where[scale_key], safe_open(path / where[scale_key], "pt", device=str(device)))
-            scale = rows(handles[where[scale_key]], scale_key, b0, b1)
+            scale = rows(handles[where[scale_key]].get_slice(scale_key), b0, b1)
             if keep_fp8 and lo % FP8_BLOCK:
                 raise CheckpointError(f"{key}: rank {rank}'s rows start at {lo}, inside a 128-block; keep FP8 "
                                       "with a number of ranks that cuts at block edges, or load as bfloat16")
