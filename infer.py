@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 from model import FP8_DTYPE, PRESETS, CheckpointError, ModelArgs, Transformer
-from train import EOT, decode, die, encode, fim_prompt, human, init_distributed, pick_device
+from train import EOT, decode, die, encode, fim_prompt, human_bytes, init_distributed, pick_device
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -286,7 +286,6 @@ def dry_run(a):
         die(f"--dry-run {a.dry_run}: {e}")
     with torch.device("meta"):
         model = Transformer(args)
-    size = lambda b: human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
     compute = 4 if a.dtype == "float32" else 2  # fp8: FP8 projections, everything else bfloat16
     parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
     split = re.compile(r"\.(wq|wq_b|wkv_b|wo|w1|w2|w3)\.|^head\.")
@@ -297,10 +296,11 @@ def dry_run(a):
     weights = sum(parts.values())
     print(f"{a.ckpt} on {a.dry_run} rank(s), {a.dtype} weights"
           f"{' (128x128 float32 block scales, bfloat16 for embedding, head, norms, router)' if a.dtype == 'fp8' else ''}")
-    print(f"weights per rank  {size(weights)} = " + " + ".join(f"{size(b)} {k}" for k, b in parts.items()))
+    print(f"weights per rank  {human_bytes(weights)} = "
+          + " + ".join(f"{human_bytes(b)} {k}" for k, b in parts.items()))
     print(f"KV cache per rank {kv:,} bytes per token (latent + RoPE key of {args.n_layers + args.n_mtp} layers; "
-          f"every rank holds all of it): {size(kv * args.max_seq_len)} for one {args.max_seq_len:,}-token context")
-    print(f"total per rank    {size(weights + kv * args.max_seq_len)} at batch 1 and full context, activations "
+          f"every rank holds all of it): {human_bytes(kv * args.max_seq_len)} for one {args.max_seq_len:,}-token context")
+    print(f"total per rank    {human_bytes(weights + kv * args.max_seq_len)} at batch 1 and full context, activations "
           "and the CUDA context not counted")
 
 

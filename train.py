@@ -393,20 +393,24 @@ def human(x, k=1000, units=("", "K", "M", "B", "T")):
     return f"{x:.4g}{units[-1]}"
 
 
+def human_bytes(b):
+    return human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
+
+
 def dry_run(a, margs):
     """Accounting from the shapes alone, so even the 671B preset costs nothing to inspect."""
     acc = accounting(margs, a.seq_len)
     flops, kv, tokens = acc["flops_per_token"], acc["kv_bytes_per_token"], a.batch_size * a.seq_len * a.grad_accum
     n = acc["params_total"] + acc["params_mtp"]  # training holds the MTP modules too
-    size = lambda b: human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
     print(f"preset {a.preset} at seq_len {a.seq_len}")
     print(f"parameters  {human(acc['params_total'])} main model ({human(acc['params_active'])} active per token, "
           f"{human(acc['params_embedding'])} embedding) + {human(acc['params_mtp'])} MTP")
     print(f"compute     {flops:.4g} training FLOPs per token (6 x active params + attention)")
-    print(f"KV cache    {kv:,} bytes per token (bf16), {size(kv * a.seq_len)} per {a.seq_len}-token sequence")
+    print(f"KV cache    {kv:,} bytes per token (bf16), {human_bytes(kv * a.seq_len)} per {a.seq_len}-token sequence")
     print(f"memory      weights + grads + AdamW moments = total, {human(n)} parameters, activations not counted")
     for name, b in (("float32", 4), ("bfloat16", 2)):
-        print(f"  {name:<9} {size(n * b)} + {size(n * b)} + {size(2 * n * b)} = {size(4 * n * b)}")
+        w, m = human_bytes(n * b), human_bytes(2 * n * b)
+        print(f"  {name:<9} {w} + {w} + {m} = {human_bytes(4 * n * b)}")
     print(f"this run    {tokens:,} tokens/step x {a.max_steps} steps = {human(tokens * a.max_steps)} tokens, "
           f"{flops * tokens * a.max_steps:.3g} FLOPs")
 
