@@ -88,7 +88,7 @@ def get_parser():
     add("--dtype", choices=list(DTYPES), help="weights and compute; fp8 keeps FP8 weights with bfloat16 compute "
         "(default: bfloat16 on cuda, float32 on cpu)")
     add("--compile", action="store_true", help="decode with compiled static-shape steps (torch.compile; the "
-        "first tokens wait for the compiler, ~15-60 s on a CPU)")
+        "first tokens wait for the compiler, ~10-65 s on a CPU)")
     add("--threads", type=positive_int, help="CPU threads (default: torch's, one per core; on 2 cores, 1 and 2 "
         "threads decode the tiny model equally fast within the noise of a shared machine)")
     add("--dry-run", type=positive_int, nargs="?", const=1, metavar="RANKS", help="print the memory per rank of "
