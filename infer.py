@@ -21,6 +21,7 @@ token ids and works with any checkpoint. The text goes to stdout, the speed line
 """
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -314,6 +315,8 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.compile:  # inductor's note on each op its C++ wrapper calls through a fallback (sampling)
+        logging.getLogger("torch._inductor.ir").setLevel(logging.ERROR)
     model = load_model(a, rank, world)
     margs = model.args
     if (a.speculative or a.bench) and not margs.n_mtp:
