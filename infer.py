@@ -315,7 +315,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.compile:  # inductor's note on each op its C++ wrapper calls through a fallback (sampling)
+    if a.compile:  # inductor notes each op its C++ wrapper calls through a fallback (FP8 experts)
         logging.getLogger("torch._inductor.ir").setLevel(logging.ERROR)
     model = load_model(a, rank, world)
     margs = model.args

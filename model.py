@@ -833,7 +833,7 @@ class Transformer(nn.Module):
             accept = torch.rand_like(ratio[:, 0]) < ratio[:, 0]
             residual = (p0 - q).clamp(min=0)
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)
-            target = torch.multinomial(residual, 1)[:, 0]
+            target = draw(residual)
         accept &= active
         tok0, tok1 = torch.where(accept, draft, target), pick(logits[:, 1])
         out[rows, torch.where(active, n, L + 1)] = tok0
@@ -1139,11 +1139,20 @@ def probs(logits, temperature=1.0, top_p=1.0, top_k=0):
     return p
 
 
+def draw(weights):
+    """(..., V) non-negative weights -> one index per row, i with probability w_i / sum(w): an
+    exponential race, argmax_i w_i / E_i with E_i ~ Exp(1) (the first of clocks with rates w_i to
+    ring is i with that probability). E = -log(u) for u uniform, clamped so that E is never 0.
+    It fuses into a compiled step; torch.multinomial took ~0.1 ms a call here."""
+    race = -torch.rand_like(weights, dtype=torch.float32).clamp_(min=1e-20).log()
+    return (weights / race).argmax(-1)
+
+
 def sample(logits, temperature=0.0, top_p=1.0, top_k=0):
     """(B, V) -> (B,) token ids; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    return torch.multinomial(probs(logits, temperature, top_p, top_k), 1)[:, 0]
+    return draw(probs(logits, temperature, top_p, top_k))
 
 
 # ----------------------------------------------------------------------------------------------

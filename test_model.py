@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import infer
-from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting,
+from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, draw,
                    fp8_dequantize, fp8_quantize, hf_name, precompute_freqs_cis, probs)
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, atomic_write, decode, encode, epoch_stream,
                    evaluate, fim_prompt, fim_split, load_documents, main, schedule, val_batches)
@@ -552,6 +552,20 @@ def test_top_p_and_top_k_masks_on_hand_made_logits():
     p = probs(logits, 2.0)                     # temperature 2: p ~ sqrt(p)
     want = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).sqrt()
     assert torch.allclose(p, want / want.sum())
+
+
+def test_exponential_race_draws_in_proportion_to_the_weights():
+    torch.manual_seed(0)
+    w = torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0, 4.0])   # unnormalised, two impossible tokens
+    N = 20000
+    counts = torch.bincount(draw(w.expand(N, 6)), minlength=6).double()
+    assert counts[0] == 0 and counts[4] == 0
+    expected = N * w[[1, 2, 3, 5]].double() / w.sum()
+    chi2 = ((counts[[1, 2, 3, 5]] - expected) ** 2 / expected).sum().item()
+    assert chi2 < _chi2_critical(3)
+    # power: a race against uniform clocks (argmax w_i * u_i) is biased towards heavy tokens
+    biased = torch.bincount((w * torch.rand(N, 6)).argmax(-1), minlength=6).double()[[1, 2, 3, 5]]
+    assert ((biased - expected) ** 2 / expected).sum().item() > _chi2_critical(3)
 
 
 # ---------------------------------------------------------------------------- FP8 (§3.3)
