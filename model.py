@@ -565,12 +565,15 @@ class Experts(nn.Module):
             # no host sync (int(...)), so a compiled decode step is one graph (for any batch: on
             # CPU the paths below do not compile whole). One gathered weight at a time: with three
             # such temporaries alive, malloc hands their pages back to the system and faults them
-            # in again on every call (a two-token step measured 1.5x slower)
+            # in again on every call (a two-token step measured 1.5x slower). x is repeated per
+            # expert so that each (token, expert) pair is its own one-row product, which inductor
+            # compiles as a loop reading the chosen expert in place (not a copy of the K experts)
             if E < self.n_experts:  # another rank's expert: any local one, with weight 0
                 idx, weights = idx.clamp(max=E - 1), weights * mine
             gather = lambda w: w.index_select(0, idx.flatten()).unflatten(0, (N, K))  # (N, K, *, *)
-            h = (F.silu(torch.einsum("nd,nkid->nki", x, gather(self.w1)))
-                 * torch.einsum("nd,nkid->nki", x, gather(self.w3)))                  # (N, K, I)
+            xk = x[:, None].expand(-1, K, -1)                                        # (N, K, D)
+            h = (F.silu(torch.einsum("nkd,nkid->nki", xk, gather(self.w1)))
+                 * torch.einsum("nkd,nkid->nki", xk, gather(self.w3)))                # (N, K, I)
             y = torch.einsum("nki,nkdi->nkd", h, gather(self.w2))                    # (N, K, D)
             return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
         flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
