@@ -1047,7 +1047,8 @@ class Transformer(nn.Module):
                 return rows(sl, lo, hi), None
             b0, b1 = lo // FP8_BLOCK, -(-hi // FP8_BLOCK)  # the 128-blocks covering [lo, hi)
             t = rows(sl, b0 * FP8_BLOCK, min(b1 * FP8_BLOCK, full[d]))
-            handles.setdefault(where[scale_key], safe_open(path / where[scale_key], "pt", device=str(device)))
+            if where[scale_key] not in handles:  # each shard opened once
+                handles[where[scale_key]] = safe_open(path / where[scale_key], "pt", device=str(device))
             scale = rows(handles[where[scale_key]].get_slice(scale_key), b0, b1)
             if keep_fp8 and lo % FP8_BLOCK:
                 raise CheckpointError(f"{key}: rank {rank}'s rows start at {lo}, inside a 128-block; keep FP8 "
