@@ -961,13 +961,13 @@ class Transformer(nn.Module):
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for fname, shard in zip(names, shards):
-            _atomic_write(path / fname, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+            atomic_write(path / fname, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
-            _atomic_write(path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+            atomic_write(path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
         cfg = {**self.args.to_hf_config(), "torch_dtype": str(self.embed.weight.dtype).split(".")[-1]}
-        _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, rank=0, world_size=1):
@@ -1090,10 +1090,16 @@ class CheckpointError(Exception):
     pass
 
 
-def _atomic_write(dest, write):
+def atomic_write(dest, write):
+    """write(tmp) to a temporary name beside dest, then rename it over dest: a kill at any moment
+    leaves the previous file or the new one, never a torn one."""
     tmp = f"{dest}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, dest)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 _HF_RULES = [  # (our name pattern, published name), applied in order
@@ -1189,4 +1195,12 @@ def accounting(args, seq_len=None):
     return {"params_total": total, "params_active": active, "params_mtp": mtp,
             "params_embedding": emb,
             "flops_per_token": 6 * matmul_params + attn_flops,
-            "kv_bytes_per_token": args.n_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * 2}
+            "kv_bytes_per_token": kv_bytes_per_token(args)}
+
+
+def kv_bytes_per_token(args, bytes_per_number=2):
+    """The MLA cache of one token: kv_lora_rank + qk_rope_head_dim numbers (the normalised latent
+    and the RoPE key) in every layer that generate() gives a cache, the MTP layers included
+    (speculative decoding runs them). V3 in BF16: 62 x 576 x 2 = 71,424 bytes (61 x 576 x 2 = 70,272
+    for the main model alone)."""
+    return (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * bytes_per_number

@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 import infer
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, draw,
-                   fp8_dequantize, fp8_quantize, hf_name, precompute_freqs_cis, probs)
+                   fp8_dequantize, fp8_quantize, hf_name, kv_bytes_per_token, precompute_freqs_cis, probs)
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, atomic_write, decode, encode, epoch_stream,
                    evaluate, fim_prompt, fim_split, load_documents, main, schedule, val_batches)
 
@@ -298,12 +299,14 @@ def test_bias_update_moves_biases_against_load():
 # ---------------------------------------------------------------------------- whole model
 
 def test_accounting_matches_published_deepseek_v3_figures():
-    acc = accounting(ModelArgs.from_preset("deepseek-v3"))
+    args = ModelArgs.from_preset("deepseek-v3")
+    acc = accounting(args)
     assert acc["params_total"] / 1e9 == pytest.approx(671, rel=0.002)    # "671B total"
     assert 37.0 <= acc["params_active"] / 1e9 <= 38.0                    # "37B activated"
     # "11.5B unique MTP parameters" (model card); the block + eh_proj count 11.6B
     assert acc["params_mtp"] / 1e9 == pytest.approx(11.5, rel=0.015)
-    assert acc["kv_bytes_per_token"] == 61 * 576 * 2 == 70272
+    assert acc["kv_bytes_per_token"] == (61 + 1) * 576 * 2 == 71424  # main model 70,272 + MTP layer
+    assert kv_bytes_per_token(replace(args, n_mtp=0)) == 61 * 576 * 2 == 70272
 
 
 def overfit(shape, steps, gamma=0.0):
