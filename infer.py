@@ -27,12 +27,11 @@ import os
 import re
 import sys
 import time
-from dataclasses import replace
 
 import torch
 from safetensors import SafetensorError
 
-from model import FP8_DTYPE, PRESETS, CheckpointError, ModelArgs, Transformer
+from model import PRESETS, CheckpointError, ModelArgs, Transformer, meta_model
 from train import EOT, decode, die, encode, fim_prompt, human_bytes, init_distributed, pick_device
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
@@ -282,16 +281,14 @@ def dry_run(a):
         die(f"--dry-run: cannot read the config of {a.ckpt}: {' '.join(str(e).split())}; give a checkpoint "
             f"folder or a preset ({', '.join(PRESETS)})")
     try:
-        args = replace(args, world_size=a.dry_run, fp8_weights=a.dtype == "fp8")
+        model = meta_model(args, 0, a.dry_run, DTYPES[a.dtype])  # fp8: FP8 projections, the rest bfloat16
     except ValueError as e:
         die(f"--dry-run {a.dry_run}: {e}")
-    with torch.device("meta"):
-        model = Transformer(args)
-    compute = 4 if a.dtype == "float32" else 2  # fp8: FP8 projections, everything else bfloat16
+    compute = 4 if a.dtype == "float32" else 2
     parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
     split = re.compile(r"\.(wq|wq_b|wkv_b|wo|w1|w2|w3)\.|^head\.")
     for name, p in model.named_parameters():
-        b = p.numel() * (p.element_size() if p.dtype == FP8_DTYPE or name.endswith("scale") else compute)
+        b = p.numel() * p.element_size()
         parts[list(parts)[0 if ".experts." in name else 1 if split.search(name) else 2]] += b
     kv = (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * compute
     weights = sum(parts.values())

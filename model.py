@@ -1,17 +1,23 @@
-"""DeepSeek-V3 in one file, bottom-up, to be read beside the technical report (arXiv 2412.19437).
+"""DeepSeek-V3 in one file, to be read beside the technical report (arXiv 2412.19437).
 
+Part 1, the model: the architecture alone, bottom-up, every piece before its use.
     ModelArgs ............ hyper-parameters and presets ("tiny", "small", "deepseek-v3")
     RMSNorm, RoPE/YaRN ... §2.1.1, eq. 1-11 (decoupled RoPE), context extension §4.3
-    FP8 .................. §3.3: 1x128 activation tiles, 128x128 weight blocks, e4m3, fp32 accumulation
     MLA .................. §2.1.1: Multi-head Latent Attention, expanded and absorbed forms
     MLP, Gate, MoE ....... §2.1.2: DeepSeekMoE, sigmoid gating, group-limited routing, aux-loss-free bias
-    Block, MTP ........... §2.2: Multi-Token Prediction
-    Transformer .......... loss, KV cache, generation, MTP speculative decoding
+    Block, MTPModule ..... §2.2: Multi-Token Prediction
+    Transformer .......... trunk, forward with its losses (eq. 17-20, 25), the bias update
+Part 2, the engineering, each section acting on the built model from outside:
+    FP8 .................. §3.3: 1x128 activation tiles, 128x128 weight blocks, e4m3, fp32 accumulation;
+                           the Hopper scaled_mm path and FP8 weight storage
+    expert back-ends ..... one grouped or batched GEMM instead of part 1's loop over experts
+    generation ........... latent KV cache, plain / MTP speculative / compiled steps, sampling (§2.2, §5.4.3)
+    parallelism .......... tensor-parallel attention and FFN, expert-parallel MoE (§3.4), applied by shard()
     checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 block-scaled safetensors)
     accounting ........... parameters, FLOPs and KV-cache bytes without allocating (meta device)
 
 Shape letters: B batch, T query tokens, S cached keys, D model dim, H heads, C kv_lora_rank,
-R qk_rope_head_dim, E routed experts, K experts per token, N tokens (B*T), V vocabulary.
+R qk_rope_head_dim, E routed experts, K experts per token, N tokens (B*T), I expert width, V vocabulary.
 """
 import contextlib
 import json
@@ -19,6 +25,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,8 +34,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-# ----------------------------------------------------------------------------------------------
-# Arguments
+# ==============================================================================================
+# Part 1: the model
+# ==============================================================================================
 
 @dataclass
 class ModelArgs:
@@ -37,49 +45,45 @@ class ModelArgs:
     inter_dim: int = 768               # dense SwiGLU width (first n_dense_layers layers)
     n_layers: int = 4
     n_dense_layers: int = 1            # "first_k_dense_replace": V3 keeps 3 dense layers (§4.2)
-    n_heads: int = 4
+    n_heads: int = 4                   # n_h
     norm_eps: float = 1e-6
     max_seq_len: int = 1024
     init_std: float = 0.006            # §4.2; presets scale it with 1/sqrt(dim) for toy widths
     # mla (§2.1.1)
-    q_lora_rank: int = 128             # 0 = one plain wq projection (V2-Lite style)
+    q_lora_rank: int = 128             # d_c': query compression; 0 = one plain wq (V2-Lite style)
     kv_lora_rank: int = 64             # d_c: the latent that the cache keeps
-    qk_nope_head_dim: int = 32
+    qk_nope_head_dim: int = 32         # d_h
     qk_rope_head_dim: int = 16         # d_h^R: the decoupled RoPE part, one key head shared by all
     v_head_dim: int = 32
     # moe (§2.1.2)
     moe_inter_dim: int = 128           # width of one fine-grained expert
-    n_routed_experts: int = 16
-    n_shared_experts: int = 1
+    n_routed_experts: int = 16         # N_r
+    n_shared_experts: int = 1          # N_s
     n_activated_experts: int = 4       # K_r in eq. 13
     n_expert_groups: int = 4           # node-limited routing, simulated by groups (§2.1.2)
-    n_limited_groups: int = 2
+    n_limited_groups: int = 2          # M: groups a token may use
     score_func: str = "sigmoid"        # V3: sigmoid + bias; "softmax" = V2 family
     route_scale: float = 2.5           # routed_scaling_factor
-    norm_topk_prob: bool = True
+    norm_topk_prob: bool = True        # eq. 15: normalise the K chosen affinities
     balance_alpha: float = 1e-4        # α of the sequence-wise balance loss, eq. 17-20
     bias_update_speed: float = 1e-3    # γ of the aux-loss-free bias update (§2.1.2, §4.2)
     # mtp (§2.2)
     n_mtp: int = 1                     # D, MTP depth; V3 uses 1
     # yarn (§4.3); rope_factor 1 = plain RoPE
     rope_theta: float = 10000.0
-    rope_factor: float = 1.0
+    rope_factor: float = 1.0           # s: context extension factor (40 for V3's 128K)
     original_seq_len: int = 4096
     beta_fast: int = 32
     beta_slow: int = 1
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
-    # fp8 (§3.3)
+    # fp8 (§3.3), both applied by part 2's FP8 section
     fp8: bool = False                  # train with FP8 GEMMs (emulated off Hopper)
-    fp8_weights: bool = False          # keep Linear weights in FP8 with 128x128 scales (inference)
-    # parallel inference under torchrun: this process is `rank` of `world_size`; it holds 1/world
-    # of the heads, of the dense/shared FFN width, of the vocabulary rows and of the routed experts
-    world_size: int = 1
-    rank: int = 0
+    fp8_weights: bool = False          # keep projection weights in FP8 with 128x128 scales (inference)
 
     def __post_init__(self):
-        positive = {"vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank",  # the rest
-                    "qk_rope_head_dim", "v_head_dim", "world_size"}  # may be 0 (e.g. q_lora_rank, n_mtp)
+        positive = {"vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank",
+                    "qk_rope_head_dim", "v_head_dim"}  # the other sizes may be 0 (q_lora_rank, n_mtp)
         for f in fields(self):
             v = getattr(self, f.name)
             if type(v) is int and (v < 0 or v == 0 and f.name in positive):
@@ -96,15 +100,6 @@ class ModelArgs:
                                  "group, and n_limited_groups <= n_expert_groups")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
-        split = dict(n_heads=self.n_heads, vocab_size=self.vocab_size, inter_dim=self.inter_dim,
-                     n_routed_experts=self.n_routed_experts,
-                     shared_inter_dim=self.n_shared_experts * self.moe_inter_dim)
-        for name, v in split.items():
-            if v % self.world_size:
-                raise ValueError(f"{name} ({v}) does not split over {self.world_size} ranks; "
-                                 "use a number of ranks that divides it")
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank {self.rank} is not in [0, world_size {self.world_size})")
 
     @property
     def qk_head_dim(self):
@@ -124,68 +119,12 @@ class ModelArgs:
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_hf_config(cls, c):
-        """Read a published config.json (DeepSeek-V3, or the V2 family with softmax scoring)."""
-        if c.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
-            raise ValueError(f"unsupported model_type {c.get('model_type')!r}; "
-                             "expected 'deepseek_v3' (or 'deepseek_v2')")
-        rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
-        yarn = rs.get("type", rs.get("rope_type")) == "yarn"
-        n_routed = c.get("n_routed_experts") or 0
-        n_layers = c["num_hidden_layers"]
-        return cls(
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
-            n_layers=n_layers, n_heads=c["num_attention_heads"],
-            n_dense_layers=c.get("first_k_dense_replace", 0) if n_routed else n_layers,
-            norm_eps=c.get("rms_norm_eps", 1e-6),
-            max_seq_len=c.get("max_position_embeddings", 4096),
-            q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
-            qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
-            v_head_dim=c["v_head_dim"], moe_inter_dim=c.get("moe_intermediate_size") or 0,
-            n_routed_experts=n_routed, n_shared_experts=c.get("n_shared_experts") or 0,
-            n_activated_experts=c.get("num_experts_per_tok") or 0,
-            n_expert_groups=c.get("n_group") or 1, n_limited_groups=c.get("topk_group") or 1,
-            score_func=c.get("scoring_func", "softmax"),
-            route_scale=c.get("routed_scaling_factor", 1.0),
-            norm_topk_prob=c.get("norm_topk_prob", False),
-            balance_alpha=c.get("aux_loss_alpha", 1e-4),
-            bias_update_speed=c.get("bias_update_speed", 1e-3),
-            n_mtp=c.get("num_nextn_predict_layers", 0),
-            rope_theta=c.get("rope_theta", rs.get("rope_theta", 10000.0)),
-            rope_factor=rs.get("factor", 1.0) if yarn else 1.0,
-            original_seq_len=rs.get("original_max_position_embeddings", 4096),
-            beta_fast=rs.get("beta_fast", 32), beta_slow=rs.get("beta_slow", 1),
-            mscale=rs.get("mscale", 1.0), mscale_all_dim=rs.get("mscale_all_dim", 1.0),
-            init_std=c.get("initializer_range", 0.006))
+    def from_hf_config(cls, config):
+        """A published config.json (dict) -> ModelArgs; the name table is in "Checkpoint I/O"."""
+        return args_from_hf_config(config)
 
     def to_hf_config(self):
-        c = dict(
-            architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
-            vocab_size=self.vocab_size, hidden_size=self.dim, intermediate_size=self.inter_dim,
-            moe_intermediate_size=self.moe_inter_dim, num_hidden_layers=self.n_layers,
-            num_attention_heads=self.n_heads, num_key_value_heads=self.n_heads,
-            n_routed_experts=self.n_routed_experts, n_shared_experts=self.n_shared_experts,
-            num_experts_per_tok=self.n_activated_experts, n_group=self.n_expert_groups,
-            topk_group=self.n_limited_groups, routed_scaling_factor=self.route_scale,
-            norm_topk_prob=self.norm_topk_prob, scoring_func=self.score_func,
-            topk_method="noaux_tc" if self.score_func == "sigmoid" else "group_limited_greedy",
-            first_k_dense_replace=self.n_dense_layers, q_lora_rank=self.q_lora_rank or None,
-            kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-            rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-            max_position_embeddings=self.max_seq_len, num_nextn_predict_layers=self.n_mtp,
-            hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
-            rope_interleave=True, initializer_range=self.init_std,
-            aux_loss_alpha=self.balance_alpha, bias_update_speed=self.bias_update_speed,
-            rope_scaling=None if self.rope_factor <= 1 else dict(
-                type="yarn", factor=self.rope_factor,
-                original_max_position_embeddings=self.original_seq_len,
-                beta_fast=self.beta_fast, beta_slow=self.beta_slow,
-                mscale=self.mscale, mscale_all_dim=self.mscale_all_dim))
-        if self.fp8_weights:
-            c["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
-                                            weight_block_size=[FP8_BLOCK, FP8_BLOCK])
-        return c
+        return hf_config(self)
 
 
 PRESETS = {
@@ -212,7 +151,7 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# RMSNorm and rotary embeddings
+# RMSNorm, rotary embeddings with YaRN, Linear
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in float32 whatever the input dtype."""
@@ -232,8 +171,8 @@ def yarn_mscale(factor, mscale=1.0):
 
 
 def precompute_freqs_cis(args):
-    """Rotations e^{i * pos * freq} for the qk_rope_head_dim / 2 pairs, stored as real numbers
-    (cos, sin): (max_seq_len, R/2, 2). Real, not complex, so that torch.compile can fuse RoPE.
+    """Rotations e^{i * pos * freq} for the R/2 pairs, stored as real numbers (cos, sin):
+    (max_seq_len, R/2, 2).
 
     With YaRN (rope_factor > 1) the frequencies that turn fewer than beta_slow times over the
     original context are interpolated (divided by the factor), those that turn more than
@@ -248,7 +187,7 @@ def precompute_freqs_cis(args):
         high = min(math.ceil(pair_index(args.beta_slow)), dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
         freqs = freqs / args.rope_factor * ramp + freqs * (1 - ramp)
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)  # (max_seq_len, R/2)
     m = yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(args.rope_factor, args.mscale_all_dim)
     return (m * torch.stack([angles.cos(), angles.sin()], dim=-1)).float()
 
@@ -262,131 +201,18 @@ def apply_rope(x, freqs_cis):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-# ----------------------------------------------------------------------------------------------
-# FP8 (§3.3, Figures 6-7): e4m3 values with one float32 scale per tile, fp32 accumulation
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0                       # largest finite e4m3 value
-FP8_BLOCK = 128                       # N_C = 128: 1x128 activation tiles, 128x128 weight blocks
-
-
-def _tiles(x, block):
-    """(..., M, K) -> zero-padded view (..., Mb, bm, Kb, bk) of (bm, bk) tiles."""
-    (M, K), (bm, bk) = x.shape[-2:], block
-    if M % bm or K % bk:
-        x = F.pad(x, (0, -K % bk, 0, -M % bm))
-    return x.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bm))
-
-
-def fp8_quantize(x, block=(1, FP8_BLOCK), pow2=False):
-    """Quantize the last two dims (M, K) of x in (bm, bk) tiles -> (q e4m3 (..., M, K),
-    scale float32 (..., ceil(M/bm), ceil(K/bk))), x ~= q * scale. Edge tiles are partial; an
-    all-zero tile gets a tiny scale, not a division by zero. pow2 rounds scales up to powers
-    of two (the ue8m0 format of later DeepSeek releases)."""
-    M, K = x.shape[-2:]
-    tiles = _tiles(x.float(), block)                                     # (..., Mb, bm, Kb, bk)
-    scale = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX    # (..., Mb, Kb)
-    if pow2:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    q = (tiles / scale[..., :, None, :, None]).to(FP8_DTYPE)
-    return q.flatten(-4, -3).flatten(-2)[..., :M, :K].contiguous(), scale
-
-
-def fp8_dequantize(q, scale, block=(FP8_BLOCK, FP8_BLOCK), dtype=torch.float32):
-    M, K = q.shape[-2:]
-    x = _tiles(q.to(torch.float32), block) * scale[..., :, None, :, None]
-    return x.flatten(-4, -3).flatten(-2)[..., :M, :K].to(dtype)
-
-
-def fp8_real_available(device):
-    """Hardware FP8 with block scales: Hopper (compute capability >= 9.0) and torch's scaled_mm."""
-    return (torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-            and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"))
-
-
-def fp8_gemm(qa, sa, a_block, qb, sb, b_block, out_dtype=torch.float32):
-    """a @ b^T from quantized operands a (M, K), b (N, K), each tiled along the contraction dim
-    K: (1, 128) for activations and gradients, (128, 128) for weights. Real e4m3 tensor-core GEMM
-    on Hopper; elsewhere an exact emulation: dequantize, then a float32 matmul, which multiplies
-    the same numbers as the hardware and accumulates in float32 as the paper's promotion does."""
-    K = qa.size(-1)
-    if (qa.dim() == 2 and K % FP8_BLOCK == 0 and qb.size(0) % FP8_BLOCK == 0
-            and fp8_real_available(qa.device)):
-        # cuBLAS layouts (torch's scaled_mm tests): b column-major; 1x128 scales outer-dim-major;
-        # 128x128 scales of b as (ceil(K/128) padded to 4, N/128), transposed-contiguous.
-        kind = {(1, FP8_BLOCK): F.ScalingType.BlockWise1x128,
-                (FP8_BLOCK, FP8_BLOCK): F.ScalingType.BlockWise128x128}
-        sa = sa.t().contiguous().t()
-        sb = sb.t().contiguous().t() if b_block[0] == 1 else F.pad(sb, (0, -sb.size(1) % 4)).t()
-        y = F.scaled_mm(qa, qb.t(), sa, kind[a_block], sb, kind[b_block], output_dtype=torch.bfloat16)
-        return y.to(out_dtype)
-    return (fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT).to(out_dtype)
-
-
-def fp8_matmul(a, a_block, b, b_block, out_dtype):
-    """Quantize both operands online (scales from the current max, §3.3) and multiply."""
-    return fp8_gemm(*fp8_quantize(a, a_block), a_block, *fp8_quantize(b, b_block), b_block, out_dtype)
-
-
-class FP8Matmul(torch.autograd.Function):
-    """y = x @ w^T with all three training GEMMs on FP8 inputs (Figure 6):
-    Fprop  y  = Q(x; 1x128)   @ Q(w; 128x128)^T
-    Dgrad  dx = Q(dy; 1x128)  @ Q(w^T; 128x128)^T
-    Wgrad  dw = Q(dy^T; 1x128) @ Q(x^T; 1x128)^T   (x and dy tiled 128x1 along tokens)
-    x (..., M, K), w (..., N, K); batch dims allow the stacked experts. Master weights and
-    gradients stay in their own (higher) precision."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return fp8_matmul(x, (1, FP8_BLOCK), w, (FP8_BLOCK, FP8_BLOCK), x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dx = fp8_matmul(dy, (1, FP8_BLOCK), w.mT, (FP8_BLOCK, FP8_BLOCK), x.dtype)
-        dw = fp8_matmul(dy.mT, (1, FP8_BLOCK), x.mT, (1, FP8_BLOCK), w.dtype)
-        return dx, dw
-
-
-def expert_matmul(x, w, scale=None, fp8=False):
-    """x (..., M, K) @ w (..., N, K)^T for high-precision, FP8-stored, or FP8-trained weights."""
-    if w.dtype == FP8_DTYPE:
-        return x @ fp8_dequantize(w, scale, dtype=x.dtype).mT
-    if fp8:
-        return FP8Matmul.apply(x, w)
-    return x @ w.mT
-
-
 class Linear(nn.Module):
-    """y = x W^T without bias. The weight is high precision, or FP8 with one scale per 128x128
-    block (`scale`, the published `weight_scale_inv`, is a multiplier despite its name)."""
+    """y = x W^T, no bias: every projection of the model. The FP8 section swaps in its FP8 form."""
 
-    def __init__(self, in_features, out_features, fp8=False, fp8_weights=False):
+    def __init__(self, in_features, out_features):
         super().__init__()
-        self.fp8 = fp8
-        self.weight = nn.Parameter(torch.empty(out_features, in_features,
-                                               dtype=FP8_DTYPE if fp8_weights else None),
-                                   requires_grad=not fp8_weights)
-        self.scale = nn.Parameter(torch.ones(math.ceil(out_features / FP8_BLOCK),
-                                             math.ceil(in_features / FP8_BLOCK)),
-                                  requires_grad=False) if fp8_weights else None
-
-    def dequantized_weight(self, dtype=None):
-        if self.weight.dtype == FP8_DTYPE:
-            return fp8_dequantize(self.weight, self.scale, dtype=dtype or torch.bfloat16)
-        return self.weight
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x):
-        if self.weight.dtype == FP8_DTYPE:
-            if fp8_real_available(x.device):  # FP8 inference: activations quantized per 1x128
-                qx, sx = fp8_quantize(x.flatten(0, -2), (1, FP8_BLOCK))
-                y = fp8_gemm(qx, sx, (1, FP8_BLOCK), self.weight, self.scale, (FP8_BLOCK, FP8_BLOCK), x.dtype)
-                return y.unflatten(0, x.shape[:-1])
-            return F.linear(x, self.dequantized_weight(x.dtype))
-        if self.fp8 and torch.is_grad_enabled():
-            return FP8Matmul.apply(x.flatten(0, -2), self.weight).unflatten(0, x.shape[:-1])
         return F.linear(x, self.weight)
+
+    def dense_weight(self, dtype):
+        return self.weight  # the FP8-stored form dequantizes its blocks to dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,39 +222,37 @@ class MLA(nn.Module):
     """Queries go through a low-rank bottleneck (q_lora_rank); keys and values share one
     compressed latent c_KV of kv_lora_rank dims, plus one RoPE key head k^R shared by all heads.
 
-    Expanded form (training, prefill): up-project the latent to per-head k_nope and v, then
-    ordinary causal attention. Absorbed form (decoding): since q_nope . (W_UK c) = (W_UK^T q_nope) . c,
-    fold W_UK into the query and W_UV into the output, and attend directly over the cached
-    latents. The cache then holds only c_KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per
-    token and layer (576 for V3, versus 2 * 128 * 128 = 32768 for plain multi-head attention).
-
-    Tensor parallel: a rank holds H / world_size heads (its rows of wq_b and wkv_b, its columns of
-    wo) and a full copy of the latent cache; its output is a partial sum that Block adds up.
+    Two equal forms of the same attention (a test holds them equal):
+    - expanded (training, prefill): up-project the latent to per-head k_nope and v, then
+      ordinary causal attention;
+    - absorbed (decoding): since q_nope . (W_UK c) = (W_UK^T q_nope) . c, fold W_UK into the query
+      and W_UV into the output, and attend directly over the cached latents. The cache then holds
+      only c_KV and k^R: kv_lora_rank + qk_rope_head_dim numbers per token and layer (576 for V3,
+      versus 2 * 128 * 128 = 32,768 for multi-head attention with the same heads).
     """
 
     def __init__(self, args):
         super().__init__()
-        self.args = args
-        lin = lambda i, o: Linear(i, o, args.fp8, args.fp8_weights)
-        self.n_heads = H = args.n_heads // args.world_size  # tensor parallel: this rank's heads
+        self.args, self.n_heads, H = args, args.n_heads, args.n_heads
         if args.q_lora_rank:
-            self.wq_a = lin(args.dim, args.q_lora_rank)
+            self.wq_a = Linear(args.dim, args.q_lora_rank)                 # W^DQ, eq. 6
             self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
-            self.wq_b = lin(args.q_lora_rank, H * args.qk_head_dim)
+            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim)     # [W^UQ; W^QR], eq. 7-8
         else:
-            self.wq = lin(args.dim, H * args.qk_head_dim)
-        self.wkv_a = lin(args.dim, args.kv_lora_rank + args.qk_rope_head_dim)
+            self.wq = Linear(args.dim, H * args.qk_head_dim)
+        self.wkv_a = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim)  # [W^DKV; W^KR], eq. 1, 3
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps)
-        self.wkv_b = lin(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim))
-        self.wo = lin(H * args.v_head_dim, args.dim)
+        self.wkv_b = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim))  # [W^UK; W^UV]
+        self.wo = Linear(H * args.v_head_dim, args.dim)                    # W^O, eq. 11
         # YaRN scales the logits by m^2 (m = mscale_all_dim temperature) on top of 1/sqrt(d)
-        self.softmax_scale = args.qk_head_dim ** -0.5 * yarn_mscale(args.rope_factor,
-                                                                    args.mscale_all_dim) ** 2
-        self.kv_cache = self.pe_cache = None
+        self.softmax_scale = args.qk_head_dim ** -0.5 * yarn_mscale(args.rope_factor, args.mscale_all_dim) ** 2
+        self.kv_cache = self.pe_cache = None  # (B, S, C), (B, S, R): set up by generation (part 2)
 
     def forward(self, x, freqs_cis, pos=None, kv_len=None):
-        """x (B, T, D). pos None: training, causal over x. pos (B, T): absolute positions whose
-        latents are written to the cache; keys [0, kv_len) of the cache are attended."""
+        """x (B, T, D) -> (B, T, D). pos None: training, causal over x. pos (B, T): the absolute
+        positions of x, whose latents are written to the cache; then kv_len None is a prefill
+        (expanded, causal over x) and kv_len an int is decoding: the absorbed form over the
+        cached keys [0, kv_len)."""
         a, (B, T, _) = self.args, x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if a.q_lora_rank else self.wq(x)
         q = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads)           # (B, T, H, qk_head_dim)
@@ -441,11 +265,13 @@ class MLA(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None]
             self.kv_cache[rows, pos] = kv.to(self.kv_cache.dtype)
             self.pe_cache[rows, pos] = k_pe.squeeze(2).to(self.pe_cache.dtype)
-        if pos is None or kv_len == T:                                       # training or prefill
-            return self.wo(self._expanded(q_nope, q_pe, kv, k_pe).flatten(2))
-        return self.wo(self._absorbed(q_nope, q_pe, pos, kv_len).flatten(2))
+        if kv_len is None:
+            o = self.attend_expanded(q_nope, q_pe, kv, k_pe)
+        else:
+            o = self.attend_absorbed(q_nope, q_pe, pos, kv_len)
+        return self.wo(o.flatten(2))                                         # (B, T, D)
 
-    def _expanded(self, q_nope, q_pe, kv, k_pe):
+    def attend_expanded(self, q_nope, q_pe, kv, k_pe):
         a = self.args
         kv = rearrange(self.wkv_b(kv), "b t (h d) -> b t h d", h=self.n_heads)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)    # (B, T, H, *)
@@ -455,13 +281,12 @@ class MLA(nn.Module):
                                            is_causal=True, scale=self.softmax_scale)
         return o.transpose(1, 2)                                             # (B, T, H, v_head_dim)
 
-    def _absorbed(self, q_nope, q_pe, pos, kv_len):
+    def attend_absorbed(self, q_nope, q_pe, pos, kv_len):
         a = self.args
-        wkv_b = self.wkv_b.dequantized_weight(q_nope.dtype)
-        wkv_b = wkv_b.unflatten(0, (self.n_heads, -1))                      # (H, nope + v, C)
+        wkv_b = self.wkv_b.dense_weight(q_nope.dtype).unflatten(0, (self.n_heads, -1))  # (H, nope + v, C)
         w_uk, w_uv = wkv_b.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
-        kv, pe = self.kv_cache[:pos.size(0), :kv_len], self.pe_cache[:pos.size(0), :kv_len]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)               # (B, T, H, C)
+        kv, pe = self.kv_cache[:pos.size(0), :kv_len], self.pe_cache[:pos.size(0), :kv_len]  # (B, S, C), (B, S, R)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                # (B, T, H, C)
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, kv.to(q_lat.dtype))
                   + torch.einsum("bthr,bsr->bhts", q_pe, pe.to(q_pe.dtype))) * self.softmax_scale
         visible = torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, S)
@@ -474,14 +299,11 @@ class MLA(nn.Module):
 # DeepSeekMoE (§2.1.2, eq. 12-20)
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense layers and the shared experts. Tensor
-    parallel: a rank holds inter_dim / world_size rows of w1, w3 and columns of w2 (a partial sum)."""
+    """SwiGLU feed-forward w2(silu(w1 x) * w3 x): the dense layers and the shared experts."""
 
-    def __init__(self, args, dim, inter_dim):
+    def __init__(self, dim, inter_dim):
         super().__init__()
-        lin = lambda i, o: Linear(i, o, args.fp8, args.fp8_weights)
-        inter_dim //= args.world_size
-        self.w1, self.w2, self.w3 = lin(dim, inter_dim), lin(inter_dim, dim), lin(dim, inter_dim)
+        self.w1, self.w2, self.w3 = Linear(dim, inter_dim), Linear(inter_dim, dim), Linear(dim, inter_dim)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -535,83 +357,39 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts' SwiGLU weights stacked: w1, w3 (E, I, D), w2 (E, D, I). Tokens are
-    sorted by expert and multiplied in one grouped GEMM per projection, never a loop over experts.
-    Expert parallel: a rank holds experts [first, first + E / world_size) and skips the others."""
+    """The N_r routed experts: E SwiGLU FFNs with stacked weights w1, w3 (E, I, D), w2 (E, D, I).
+
+    forward is eq. 12's routed sum written as every implementation computes it: group the
+    (token, expert) pairs by expert, run each expert once over its rows, add the rows back
+    weighted by g. The loop over experts is the reference; `backend` is the hook through which
+    part 2's expert back-ends run the same sum as one grouped or batched GEMM (tests hold them
+    equal to this loop)."""
+
+    backend = None  # set in "Expert back-ends" (part 2); None runs the loop below
 
     def __init__(self, args):
         super().__init__()
-        E, D, I = args.n_routed_experts // args.world_size, args.dim, args.moe_inter_dim
-        self.n_experts, self.first = args.n_routed_experts, args.rank * E
-        self.fp8 = args.fp8
-        dt = FP8_DTYPE if args.fp8_weights else None
-        for name, shape in (("w1", (E, I, D)), ("w2", (E, D, I)), ("w3", (E, I, D))):
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dt),
-                                                        requires_grad=dt is None))
-            self.register_parameter(name + "_scale", nn.Parameter(torch.ones(
-                E, math.ceil(shape[1] / FP8_BLOCK), math.ceil(shape[2] / FP8_BLOCK)),
-                requires_grad=False) if dt else None)
+        E, D, I = args.n_routed_experts, args.dim, args.moe_inter_dim
+        self.w1 = nn.Parameter(torch.empty(E, I, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, I))
+        self.w3 = nn.Parameter(torch.empty(E, I, D))
+
+    def ffn(self, x, e):
+        """Expert e's SwiGLU on its rows x (n, D)."""
+        return (F.silu(x @ self.w1[e].mT) * (x @ self.w3[e].mT)) @ self.w2[e].mT
 
     def forward(self, x, weights, idx):
-        """x (N, D), weights/idx (N, K) -> sum_k weights[:, k] * expert_{idx[:, k]}(x): (N, D)."""
+        """x (N, D), weights/idx (N, K) -> sum_k weights[:, k] * FFN_{idx[:, k]}(x): (N, D)."""
+        if self.backend is not None:
+            return self.backend(x, weights, idx)
         (N, K), E = idx.shape, self.w1.size(0)
-        if E < self.n_experts:  # expert parallel: local ids; another rank's expert gets id E
-            mine = (idx >= self.first) & (idx < self.first + E)
-            idx = torch.where(mine, idx - self.first, E)
-        compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
-        if ((N * K < E or compiled_inference) and not x.is_cuda and not self.fp8
-                and self.w1.dtype != FP8_DTYPE):
-            # decoding on CPU: gather each token's K experts' weights and multiply. No sort and
-            # no host sync (int(...)), so a compiled decode step is one graph (for any batch: on
-            # CPU the paths below do not compile whole). One gathered weight at a time: with three
-            # such temporaries alive, malloc hands their pages back to the system and faults them
-            # in again on every call (a two-token step measured 1.5x slower). x is repeated per
-            # expert so that each (token, expert) pair is its own one-row product, which inductor
-            # compiles as a loop reading the chosen expert in place (not a copy of the K experts)
-            if E < self.n_experts:  # another rank's expert: any local one, with weight 0
-                idx, weights = idx.clamp(max=E - 1), weights * mine
-            gather = lambda w: w.index_select(0, idx.flatten()).unflatten(0, (N, K))  # (N, K, *, *)
-            xk = x[:, None].expand(-1, K, -1)                                        # (N, K, D)
-            h = (F.silu(torch.einsum("nkd,nkid->nki", xk, gather(self.w1)))
-                 * torch.einsum("nkd,nkid->nki", xk, gather(self.w3)))                # (N, K, I)
-            y = torch.einsum("nki,nkdi->nkd", h, gather(self.w2))                    # (N, K, D)
-            return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
-        flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
-        order = flat.argsort(stable=True)                # pairs grouped by expert, id E last
-        counts = flat.bincount(minlength=E)[:E]
-        if E < self.n_experts:
-            order = order[:int(counts.sum())]            # drop the other ranks' pairs
-        # grouped GEMM touches only the chosen experts: on CUDA always; on CPU (where torch's
-        # grouped_mm loops over groups) only for a few tokens, as in decoding (measured +16%)
-        if ((x.is_cuda or N * K < E * 8) and hasattr(F, "grouped_mm")  # torch >= 2.9
-                and not self.fp8 and self.w1.dtype != FP8_DTYPE):
-            pair = order
-            h = self._grouped(x[order // K], counts)    # (N*K, D)
-        else:
-            expert = flat[order]
-            slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
-            cap = -(-int(counts.max()) // 64) * 64  # few distinct shapes: oneDNN JITs a kernel per shape
-            pair = torch.full((E, cap), N * K, device=x.device)                 # N*K = padding
-            pair[expert, slot] = order
-            h = self._padded(F.pad(x, (0, 0, 0, 1))[pair // K])              # (E, cap, D)
-        w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)               # 0 for padding
-        y = h.new_zeros(N + 1, x.size(1))                                    # row N: padding
-        return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
-
-    def _grouped(self, xs, counts):
-        """torch's grouped GEMM: one call over the variable-sized expert segments of xs (N*K, D)."""
-        offs = counts.cumsum(0).to(torch.int32)
-        dt = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
-        mm = lambda t, w: F.grouped_mm(t.to(dt), w.to(dt).mT, offs=offs)   # autocast skips grouped_mm
-        return mm(F.silu(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
-
-    def _padded(self, buf):
-        """CPU and FP8 path: experts' inputs padded to the largest count, (E, cap, D), and batched
-        matmuls (on CPU faster than torch's grouped_mm, which loops over groups). Costs
-        E * cap - N*K idle rows when the load is uneven."""
-        mm = lambda t, name: expert_matmul(t, getattr(self, name), getattr(self, name + "_scale"),
-                                           self.fp8 and torch.is_grad_enabled())
-        return mm(F.silu(mm(buf, "w1")) * mm(buf, "w3"), "w2")
+        flat = idx.flatten()                                # (N*K,) the expert of each pair
+        order = flat.argsort(stable=True)                   # pairs grouped by expert
+        token = order // K                                  # (N*K,) the token of each sorted pair
+        rows = x[token].split(flat.bincount(minlength=E).tolist())
+        h = torch.cat([self.ffn(r, e) for e, r in enumerate(rows)])         # (N*K, D)
+        h = h * weights.flatten()[order, None].to(h.dtype)
+        return torch.zeros_like(h[:N]).index_add_(0, token, h)
 
 
 class MoE(nn.Module):
@@ -624,14 +402,14 @@ class MoE(nn.Module):
         self.args = args
         self.gate = Gate(args)
         self.experts = Experts(args)
-        self.shared_experts = MLP(args, args.dim, args.n_shared_experts * args.moe_inter_dim) \
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) \
             if args.n_shared_experts else None
         self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss = None
 
     def forward(self, x):
         a, (B, T, D) = self.args, x.shape
-        flat = x.reshape(-1, D)
+        flat = x.reshape(-1, D)                                              # (N, D)
         weights, idx, s = self.gate(flat)
         y = self.experts(flat, weights, idx).type_as(x)
         if self.shared_experts is not None:
@@ -639,7 +417,10 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.load += idx.flatten().bincount(minlength=a.n_routed_experts)
-            # f_i = E / (K T) * #tokens of the sequence routed to i; P_i = mean_t of s normalised
+            # eq. 18-19: f_i = E / (K T) * #tokens of the sequence routed to i, P_i = mean_t s'_i,t.
+            # f counts the experts the tokens were actually sent to (biased and group-limited
+            # selection), the load the loss is meant to even out; eq. 18 read literally takes the
+            # top-K of the unbiased s. They agree while the bias is small; f carries no gradient.
             chosen = torch.zeros(B, a.n_routed_experts, device=x.device)
             chosen.scatter_add_(1, idx.view(B, -1), torch.ones(B, T * idx.size(1), device=x.device))
             f = chosen * a.n_routed_experts / (a.n_activated_experts * T)             # (B, E)
@@ -651,25 +432,16 @@ class MoE(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Block, Multi-Token Prediction (§2.2)
 
-def all_reduce(x, world_size):
-    """Tensor/expert parallel: add up the ranks' partial outputs (attention: their heads' share of
-    wo; FFN: their columns or experts). The identity in one process."""
-    if world_size > 1:
-        torch.distributed.all_reduce(x)
-    return x
-
-
 class Block(nn.Module):
     def __init__(self, layer_id, args):
         super().__init__()
-        self.world_size = args.world_size
         self.attn_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
         self.attn = MLA(args)
-        self.ffn = MLP(args, args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
 
     def forward(self, x, freqs_cis, pos=None, kv_len=None):
-        x = x + all_reduce(self.attn(self.attn_norm(x), freqs_cis, pos, kv_len), self.world_size)
-        return x + all_reduce(self.ffn(self.ffn_norm(x)), self.world_size)
+        x = x + self.attn(self.attn_norm(x), freqs_cis, pos, kv_len)
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class MTPModule(nn.Module):
@@ -680,7 +452,7 @@ class MTPModule(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.enorm, self.hnorm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
-        self.eh_proj = Linear(2 * args.dim, args.dim, args.fp8, args.fp8_weights)
+        self.eh_proj = Linear(2 * args.dim, args.dim)                       # M_k, eq. 21
         self.block = Block(args.n_layers, args)  # a MoE block when the model has experts
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -693,23 +465,6 @@ class MTPModule(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Transformer
 
-class Head(nn.Linear):
-    """The output projection, kept in high precision. Tensor parallel: a rank holds V / world_size
-    vocabulary rows and the logits are gathered from all ranks."""
-
-    def __init__(self, args):
-        super().__init__(args.dim, args.vocab_size // args.world_size, bias=False)
-        self.world_size = args.world_size
-
-    def forward(self, x):
-        y = super().forward(x)
-        if self.world_size == 1:
-            return y
-        parts = [torch.empty_like(y) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, y.contiguous())
-        return torch.cat(parts, dim=-1)
-
-
 class Transformer(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -717,17 +472,17 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.head = Head(args)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)   # kept in high precision
         self.mtp = nn.ModuleList(MTPModule(args) for _ in range(args.n_mtp))
         self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
         self.init_weights()
+        if args.fp8 or args.fp8_weights:  # §3.3: FP8 projections, see "FP8" in part 2
+            use_fp8(self, store=args.fp8_weights)
 
     @torch.no_grad()
     def init_weights(self):
         """N(0, init_std) for every matrix (§4.2), ones for norms, zero routing bias."""
-        for name, p in self.named_parameters():
-            if name.endswith("_scale") or name.endswith(".scale") or p.dtype == FP8_DTYPE:
-                continue
+        for p in self.parameters():
             nn.init.ones_(p) if p.dim() == 1 else nn.init.normal_(p, std=self.args.init_std)
         for m in self.moe_layers():
             if m.gate.bias is not None:
@@ -738,7 +493,7 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def trunk(self, tokens, pos=None, kv_len=None):
-        """tokens (B, T) -> final normalised hidden states (B, T, D)."""
+        """tokens (B, T) -> final normalised hidden states (B, T, D). pos and kv_len: see MLA."""
         freqs = self.freqs_cis[:tokens.size(1)] if pos is None else self.freqs_cis[pos]
         h = self.embed(tokens)
         for layer in self.layers:
@@ -748,7 +503,10 @@ class Transformer(nn.Module):
     def forward(self, tokens, targets=None, mtp_weight=0.3):
         """Logits (B, T, V) for every position. With targets (B, T) = next tokens (-1 ignored)
         also a dict of losses: "loss" = ce + mtp_weight * mtp + balance, where mtp is the mean
-        over depths k of the cross-entropy for t_{i+k+1} (λ/D sum_k L_MTP^k, eq. 25)."""
+        over depths k of the cross-entropy for t_{i+k+1} (λ/D sum_k L_MTP^k, eq. 25) and balance
+        the sum of the sequence-wise balance losses of the MoE layers that ran (eq. 17)."""
+        for m in self.moe_layers():
+            m.balance_loss = None  # only the layers this call runs report one
         h = self.trunk(tokens)
         logits = self.head(h)
         if targets is None:
@@ -763,7 +521,7 @@ class Transformer(nn.Module):
             h = module(h[:, :-1], self.embed(tokens[:, k:]), self.freqs_cis[:T - k])
             mtp.append(ce(self.head(h), targets[:, k:]))
         losses["mtp"] = torch.stack(mtp).mean() if mtp else logits.new_zeros((), dtype=torch.float32)
-        bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None and self.training]
+        bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         losses["balance"] = torch.stack(bal).sum() if bal else torch.zeros_like(losses["mtp"])
         losses["loss"] = losses["ce"] + mtp_weight * losses["mtp"] + losses["balance"]
         return logits, losses
@@ -784,354 +542,398 @@ class Transformer(nn.Module):
             m.load.zero_()
         return torch.stack(maxvio) if maxvio else torch.zeros(0)
 
-    # ------------------------------------------------------------------------------------------
-    # Generation: static KV cache, absorbed attention, MTP speculative decoding
+    # Entry points to part 2: generation and checkpoints in the published layout
+    def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculative=False, **kw):
+        """Append max_new_tokens to tokens (B, T0); see generate() in "Generation"."""
+        return generate(self, tokens, max_new_tokens, temperature, top_p, speculative, **kw)
 
     def setup_cache(self, batch_size, max_len):
-        """Give every MLA a latent cache of at least (batch_size, max_len); the length is rounded up
-        to a multiple of 256, since a compiled decode step is specialised to the cache's shape."""
-        a, p = self.args, self.embed.weight
-        dtype, max_len = p.dtype, min(-(-max_len // 256) * 256, a.max_seq_len)
-        for m in self.modules():
-            if isinstance(m, MLA) and (m.kv_cache is None or m.kv_cache.size(0) < batch_size
-                                       or m.kv_cache.size(1) < max_len or m.kv_cache.dtype != dtype):
-                m.kv_cache = torch.zeros(batch_size, max_len, a.kv_lora_rank, device=p.device, dtype=dtype)
-                m.pe_cache = torch.zeros(batch_size, max_len, a.qk_rope_head_dim, device=p.device, dtype=dtype)
+        setup_cache(self, batch_size, max_len)
 
-    def decode_step(self, tokens, pos, kv_len):
-        """tokens (B, T) at positions pos (B, T), attending cached keys [0, kv_len) -> hidden
-        states (B, T, D) and logits (B, T, V)."""
-        h = self.trunk(tokens, pos, kv_len)
-        return h, self.head(h)
-
-    def next_token(self, tokens, pos, kv_len, temperature, top_p, top_k):
-        """One plain decoding step: tokens (B, 1) at pos (B, 1) -> the next tokens (B,)."""
-        return sample(self.decode_step(tokens, pos, kv_len)[1][:, -1], temperature, top_p, top_k)
-
-    def draft_step(self, h, next_tokens, pos, kv_len):
-        """MTP draft: main hidden states h (B, T, D) at pos paired with the tokens that follow them
-        (B, T) -> logits (B, T, V) for the token after those."""
-        return self.head(self.mtp[0](h, self.embed(next_tokens), self.freqs_cis[pos], pos, kv_len))
-
-    def speculative_step(self, out, n, draft, q, kv_len, temperature, top_p, top_k):
-        """One round of MTP speculative decoding on the token buffer out (B, L + 2), in place: row b
-        holds n[b] tokens (done at L; the 2 spare columns take a finished row's writes), and d =
-        draft (B,) is the MTP module's guess for the next one, with probabilities q (B, V) (None
-        when greedy). The main model scores (last token, d) in one forward: d is accepted if it is
-        the greedy choice, or when sampling with probability min(1, p(d)/q(d)), else replaced by a
-        sample of max(p - q, 0), which keeps p's distribution; an accepted d brings the token after
-        it. Then the MTP module drafts at both positions. -> n, draft, q for the next round, and
-        accept (B,)."""
-        L, rows = out.size(1) - 2, torch.arange(out.size(0), device=out.device)
-        pick = lambda logits: sample(logits, temperature, top_p, top_k)
-        active = n < L
-        pos = (n - 1)[:, None] + torch.arange(2, device=out.device)      # (B, 2)
-        h, logits = self.decode_step(torch.stack([out[rows, n - 1], draft], 1), pos, kv_len)
-        if temperature == 0:
-            target = logits[:, 0].argmax(-1)
-            accept = target == draft
-        else:
-            p0 = probs(logits[:, 0], temperature, top_p, top_k)
-            ratio = p0.gather(1, draft[:, None]) / q.gather(1, draft[:, None])
-            accept = torch.rand_like(ratio[:, 0]) < ratio[:, 0]
-            residual = (p0 - q).clamp(min=0)
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)
-            target = draw(residual)
-        accept &= active
-        tok0, tok1 = torch.where(accept, draft, target), pick(logits[:, 1])
-        out[rows, torch.where(active, n, L + 1)] = tok0
-        out[rows, torch.where(accept, n + 1, L + 1)] = tok1
-        drafts = self.draft_step(h, torch.stack([tok0, tok1], 1), pos, kv_len)  # (B, 2, V)
-        last = drafts[rows, accept.long()]  # the draft made at the last accepted position
-        q = probs(last, temperature, top_p, top_k) if temperature else None
-        return torch.where(active, n + 1 + accept.long(), n).clamp(max=L), pick(last), q, accept
-
-    def compiled_steps(self):
-        """next_token and speculative_step through torch.compile, made once per model. Shapes are
-        static (kv_len is always the cache length: keys past each position are masked, not cut),
-        so one graph serves every step; torch recompiles only for a new batch size or cache length.
-        The C++ wrapper calls the kernels without Python in between (measured 1.3-1.6x per step);
-        it cannot call collectives yet, so tensor/expert-parallel ranks go without it. With one
-        row, inductor turns each matrix-vector product into a fused multiply-and-sum loop instead
-        of a BLAS call (decompose_mm_pass, CPU only): the tiny model's step, which reads 10.6 MB
-        of weights, measured 0.8-0.9 ms instead of 1.3-2.2 ms, back to back."""
-        if not hasattr(self, "_compiled_steps"):
-            options = {"cpp_wrapper": self.args.world_size == 1,
-                       "post_grad_fusion_options": {"decompose_mm_pass": {}}}
-            c = lambda f: torch.compile(f, fullgraph=True, dynamic=False, options=options)
-            self._compiled_steps = c(self.next_token), c(self.speculative_step)
-        return self._compiled_steps
-
-    @torch.inference_mode()
-    def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculative=False,
-                 top_k=0, callback=None, stats=None, compile=False):
-        """Append max_new_tokens to tokens (B, T0) -> (B, T0 + max_new_tokens). The prompt goes
-        through in one forward (expanded attention, filling the cache), then each step feeds only
-        the new token(s) through the absorbed path. speculative=True drafts with the first MTP
-        module and verifies in the main model; greedy output is unchanged and sampled output
-        keeps the main model's distribution (rejection sampling). compile=True runs the steps
-        through compiled_steps, attending the whole cache (the first call waits for the compiler).
-        callback(out, lengths) is called after each step with the buffer and the per-row number
-        of valid tokens."""
-        B, T0 = tokens.shape
-        total = T0 + max_new_tokens
-        if max_new_tokens <= 0:
-            raise ValueError("max_new_tokens must be positive")
-        if total + speculative > self.args.max_seq_len:  # verification looks one position ahead
-            raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) exceed the context "
-                             f"of {self.args.max_seq_len}; shorten the prompt or generate fewer")
-        if speculative and not len(self.mtp):
-            raise ValueError("speculative decoding needs an MTP module (n_mtp >= 1)")
-        self.setup_cache(B, total + speculative)
-        step, spec_step = self.compiled_steps() if compile else (self.next_token, self.speculative_step)
-        S = self.layers[0].attn.kv_cache.size(1)
-        span = (lambda kv_len: S) if compile else (lambda kv_len: kv_len)  # compiled: static shapes
-        out = torch.zeros(B, total + 2, dtype=torch.long, device=tokens.device)  # + 2: speculative_step
-        out[:, :T0] = tokens
-        pos = torch.arange(T0, device=tokens.device).expand(B, T0)
-        h = self.trunk(tokens, pos, T0)
-        pick = lambda logits: sample(logits, temperature, top_p, top_k)
-        out[:, T0] = tok = pick(self.head(h[:, -1]))                      # (B,)
-        n = torch.full((B,), T0 + 1, device=tokens.device)  # tokens known per row
-        if callback:
-            callback(out[:, :total], n)
-        # Dynamo checks ~500 guards before each call of a compiled step (0.2-0.4 ms here, as long
-        # as the step's kernels). Within one generate the steps' inputs change values, never shapes,
-        # dtypes or constants, so only the first call of each loop (which may compile) checks them.
-        unguarded = lambda later: (torch.compiler.set_stance(skip_guard_eval_unsafe=True)
-                                   if compile and later else contextlib.nullcontext())
-        if not speculative:
-            for t in range(T0 + 1, total):
-                p = torch.full((B, 1), t - 1, device=tokens.device)
-                with unguarded(t > T0 + 1):
-                    out[:, t] = tok = step(tok[:, None], p, span(t), temperature, top_p, top_k)
-                if callback:
-                    callback(out[:, :total], n.fill_(t + 1))
-            return out[:, :total]
-
-        # MTP prefill: position i pairs the main hidden state h_i with Emb(t_{i+1}) -> draft t_{i+2}
-        mtp_logits = self.draft_step(h, out[:, 1:T0 + 1], pos, T0)[:, -1]
-        q = probs(mtp_logits, temperature, top_p, top_k) if temperature else None
-        draft = pick(mtp_logits)
-        while (least := int(n.min())) < total:
-            if stats is not None:
-                stats["drafted"] = stats.get("drafted", 0) + int((n < total).sum())
-            with unguarded(least > T0 + 1):
-                n, draft, q, accept = spec_step(out, n, draft, q, span(int(n.max()) + 1),
-                                                temperature, top_p, top_k)
-            if stats is not None:
-                stats["accepted"] = stats.get("accepted", 0) + int(accept.sum())
-            if callback:
-                callback(out[:, :total], n)
-        return out[:, :total]
-
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints in the published Hugging Face layout
-
-    def hf_state_dict(self):
-        """Our state dict under the published names; stacked experts split per expert, and each
-        MTP layer given its copies of the shared embedding and head, as the published files do."""
-        out = {}
-        for name, t in self.state_dict().items():
-            hf = hf_name(name, self.args.n_layers)
-            if "{j}" in hf:
-                out.update({hf.format(j=j): t[j].clone() for j in range(t.size(0))})
-            else:
-                out[hf] = t.detach().clone()
-        for k in range(len(self.mtp)):
-            prefix = f"model.layers.{self.args.n_layers + k}."
-            out[prefix + "embed_tokens.weight"] = self.embed.weight.detach().clone()
-            out[prefix + "shared_head.head.weight"] = self.head.weight.detach().clone()
-        return out
-
-    def save_pretrained(self, path, max_shard_bytes=4 << 30):
-        """Write config.json and safetensors (sharded with an index past max_shard_bytes). Every
-        file goes to a temporary name first and is renamed, so a kill never leaves a torn file."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = self.hf_state_dict()
-        shards, size = [{}], 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name], size = t.contiguous(), size + nbytes
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for fname, shard in zip(names, shards):
-            atomic_write(path / fname, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
-            atomic_write(path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-        cfg = {**self.args.to_hf_config(), "torch_dtype": str(self.embed.weight.dtype).split(".")[-1]}
-        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+    def save_pretrained(self, path, **kw):
+        save_pretrained(self, path, **kw)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, rank=0, world_size=1):
-        """Load a published-layout folder. FP8 weights are dequantized to `dtype`, or kept FP8
-        (with bfloat16 compute) when dtype is torch.float8_e4m3fn. MTP layers load when present.
-        With world_size > 1 (torchrun, process group initialised) this rank reads only its part:
-        its slices of the split projections and its routed experts (see ModelArgs.world_size)."""
-        from safetensors import safe_open
-        from tqdm import tqdm
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint folder {path} not found; train one with "
-                                  "`python train.py` or pass the folder of a published checkpoint")
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-            args = ModelArgs.from_hf_config(cfg)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
-        index = path / "model.safetensors.index.json"
-        try:
-            files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-                     else [f.name for f in sorted(path.glob("model*.safetensors"))])
-        except (ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"cannot read {index}: {e!r}") from None
-        if not files:
-            raise CheckpointError(f"no *.safetensors files in {path}")
-        where = {}  # published tensor name -> file
-        try:
-            for f in files:
-                with safe_open(path / f, "pt") as fh:
-                    where.update(dict.fromkeys(fh.keys(), f))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"cannot read {path / f}: {e}") from None
-        if args.n_mtp and not any(k.startswith(f"model.layers.{args.n_layers}.") for k in where):
-            args = replace(args, n_mtp=0)  # e.g. saved by a tool that drops the MTP layers
-        keep_fp8 = dtype == FP8_DTYPE
-        try:
-            args = replace(args, fp8_weights=keep_fp8, rank=rank, world_size=world_size)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        compute = torch.bfloat16 if keep_fp8 else dtype
-        with torch.device("meta"):
-            model = cls(args)
-        for name, p in model.named_parameters():  # still on meta: nothing is allocated twice
-            if p.dtype != FP8_DTYPE and not name.endswith("scale"):
-                p.data = p.data.to(compute)  # the routing bias (a buffer) stays float32
-        model.to_empty(device=device)
-        # every destination: published name -> (our name, tensor to fill, expert index or None)
-        targets = {}
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name.endswith("_scale") or name.endswith(".scale"):
-                continue  # filled together with their weight
-            hf = hf_name(name, args.n_layers)
-            if "{j}" in hf:  # stacked experts: this rank's, from its first one on
-                first = model.get_submodule(name.rpartition(".")[0]).first
-                targets.update({hf.format(j=first + j): (name, t, j) for j in range(t.size(0))})
-            else:
-                targets[hf] = (name, t, None)
-        handles = {}
-
-        def read(key, want):
-            """This rank's part of tensor `key` -> (tensor, FP8 block scales or None). Where the
-            published tensor is world_size times `want` along one dim (split heads, FFN width,
-            vocabulary), rank r reads rows [r n, (r + 1) n) of it, for FP8 the 128-blocks around
-            them with their scales; dequantized unless FP8 is kept."""
-            sl = handles[where[key]].get_slice(key)
-            full = sl.get_shape()
-            split = [d for d, (m, n) in enumerate(zip(full, want)) if m != n]
-            if len(full) != len(want) or len(split) > 1 or split and full[split[0]] != world_size * want[split[0]]:
-                per_rank = f" on each of {world_size} ranks" if world_size > 1 else ""
-                raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)}{per_rank}, found {tuple(full)}")
-            d = split[0] if split else 0
-            lo, hi = (rank * want[d], (rank + 1) * want[d]) if split else (0, full[0])
-            rows = lambda s, a, b: s[(slice(None),) * d + (slice(a, b),)]  # [a, b) along dim d
-            scale_key = key.replace(".weight", ".weight_scale_inv")
-            if scale_key not in where or sl.get_dtype() != "F8_E4M3":
-                return rows(sl, lo, hi), None
-            b0, b1 = lo // FP8_BLOCK, -(-hi // FP8_BLOCK)  # the 128-blocks covering [lo, hi)
-            t = rows(sl, b0 * FP8_BLOCK, min(b1 * FP8_BLOCK, full[d]))
-            if where[scale_key] not in handles:  # each shard opened once
-                handles[where[scale_key]] = safe_open(path / where[scale_key], "pt", device=str(device))
-            scale = rows(handles[where[scale_key]].get_slice(scale_key), b0, b1)
-            if keep_fp8 and lo % FP8_BLOCK:
-                raise CheckpointError(f"{key}: rank {rank}'s rows start at {lo}, inside a 128-block; keep FP8 "
-                                      "with a number of ranks that cuts at block edges, or load as bfloat16")
-            if not keep_fp8:
-                t, scale = fp8_dequantize(t, scale), None
-            return t.narrow(d, lo - b0 * FP8_BLOCK, hi - lo), scale
-
-        try:
-            for f in tqdm(files, desc="loading", unit="shard", disable=len(files) < 2):
-                handles[f] = safe_open(path / f, "pt", device=str(device))
-                for key in handles[f].keys():
-                    if key not in targets:
-                        continue  # another rank's expert, or unused (the MTP layer's copy of the embedding)
-                    name, dest, j = targets.pop(key)
-                    t, scale = read(key, dest.shape[1:] if j is not None else dest.shape)
-                    if t.dtype == FP8_DTYPE and scale is None:
-                        raise CheckpointError(f"{key} is FP8 but its weight_scale_inv is missing")
-                    if dest.dtype == FP8_DTYPE and scale is None:  # a high-precision tensor where we keep FP8
-                        t, scale = fp8_quantize(t, (FP8_BLOCK, FP8_BLOCK))
-                    with torch.no_grad():
-                        (dest[j] if j is not None else dest).copy_(t)
-                        if dest.dtype == FP8_DTYPE:  # keep FP8: bring the block scales along
-                            sdest = model.get_parameter(name + "_scale" if j is not None else
-                                                        name.replace(".weight", ".scale"))
-                            (sdest[j] if j is not None else sdest).copy_(scale)
-        finally:
-            handles.clear()
-        if targets:
-            raise CheckpointError(f"missing tensor {next(iter(targets))} in {path} "
-                                  f"({len(targets)} missing in all)")
-        model.freqs_cis = precompute_freqs_cis(args).to(device)
-        for m in model.moe_layers():
-            m.load = torch.zeros_like(m.load)
-        return model.eval()
+        """Load a folder in the published layout; see load_pretrained() in "Checkpoint I/O"."""
+        return load_pretrained(path, device, dtype, rank, world_size)
 
 
-class CheckpointError(Exception):
-    pass
+# ==============================================================================================
+# Part 2: the engineering. Each section acts on part 1's model from outside.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# FP8 (§3.3, Figures 6-7): e4m3 values with one float32 scale per tile, fp32 accumulation.
+# First the recipe (quantize, multiply, the three training GEMMs), then where it runs: Hopper's
+# scaled_mm or an emulation, and FP8 weight storage for published FP8 checkpoints.
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0                       # largest finite e4m3 value
+FP8_BLOCK = 128                       # N_C = 128: 1x128 activation tiles, 128x128 weight blocks
+ACT, WEIGHT = (1, FP8_BLOCK), (FP8_BLOCK, FP8_BLOCK)
 
 
-def atomic_write(dest, write):
-    """write(tmp) to a temporary name beside dest, then rename it over dest: a kill at any moment
-    leaves the previous file or the new one, never a torn one."""
-    tmp = f"{dest}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _tiles(x, block):
+    """(..., M, K) -> zero-padded view (..., Mb, bm, Kb, bk) of (bm, bk) tiles."""
+    (M, K), (bm, bk) = x.shape[-2:], block
+    if M % bm or K % bk:
+        x = F.pad(x, (0, -K % bk, 0, -M % bm))
+    return x.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bm))
 
 
-_HF_RULES = [  # (our name pattern, published name), applied in order
-    (r"^embed\.", "model.embed_tokens."), (r"^norm\.", "model.norm."), (r"^head\.", "lm_head."),
-    (r"^layers\.", "model.layers."), (r"\.attn_norm\.", ".input_layernorm."),
-    (r"\.ffn_norm\.", ".post_attention_layernorm."), (r"\.attn\.", ".self_attn."),
-    (r"\.wq\.", ".q_proj."), (r"\.wq_a\.", ".q_a_proj."), (r"\.q_norm\.", ".q_a_layernorm."),
-    (r"\.wq_b\.", ".q_b_proj."), (r"\.wkv_a\.", ".kv_a_proj_with_mqa."),
-    (r"\.kv_norm\.", ".kv_a_layernorm."), (r"\.wkv_b\.", ".kv_b_proj."), (r"\.wo\.", ".o_proj."),
-    (r"\.ffn\.", ".mlp."), (r"\.w1(\.|_scale|$)", r".gate_proj\1"), (r"\.w2(\.|_scale|$)", r".down_proj\1"),
-    (r"\.w3(\.|_scale|$)", r".up_proj\1"), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
-    (r"\.experts\.(\w+)_proj$", r".experts.{j}.\1_proj.weight"),
-    (r"\.experts\.(\w+)_proj_scale$", r".experts.{j}.\1_proj.weight_scale_inv"),
-    (r"\.scale$", ".weight_scale_inv"),
-]
+def fp8_quantize(x, block=ACT, pow2=False):
+    """Quantize the last two dims (M, K) of x in (bm, bk) tiles -> (q e4m3 (..., M, K),
+    scale float32 (..., ceil(M/bm), ceil(K/bk))), x ~= q * scale. Edge tiles are partial; an
+    all-zero tile gets a tiny scale, not a division by zero. pow2 rounds scales up to powers
+    of two (the ue8m0 format of later DeepSeek releases)."""
+    M, K = x.shape[-2:]
+    tiles = _tiles(x.float(), block)                                     # (..., Mb, bm, Kb, bk)
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX    # (..., Mb, Kb)
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (tiles / scale[..., :, None, :, None]).to(FP8_DTYPE)
+    return q.flatten(-4, -3).flatten(-2)[..., :M, :K].contiguous(), scale
 
 
-def hf_name(name, n_layers):
-    """Our parameter name -> the published one; stacked experts give a template with {j}.
-    e.g. layers.3.ffn.experts.w1 -> model.layers.3.mlp.experts.{j}.gate_proj.weight,
-         mtp.0.norm.weight      -> model.layers.61.shared_head.norm.weight (n_layers = 61)."""
-    m = re.match(r"mtp\.(\d+)\.(block\.)?(.*)", name)
-    if m:
-        rest = "shared_head.norm" + m[3][4:] if m[3].startswith("norm.") and not m[2] else m[3]
-        name = f"layers.{n_layers + int(m[1])}.{rest}"
-    for pattern, repl in _HF_RULES:
-        name = re.sub(pattern, repl, name)
-    return name
+def fp8_dequantize(q, scale, block=WEIGHT, dtype=torch.float32):
+    M, K = q.shape[-2:]
+    x = _tiles(q.to(torch.float32), block) * scale[..., :, None, :, None]
+    return x.flatten(-4, -3).flatten(-2)[..., :M, :K].to(dtype)
+
+
+def fp8_gemm(qa, sa, a_block, qb, sb, b_block, out_dtype=torch.float32):
+    """a @ b^T from quantized operands a (M, K), b (N, K), each tiled along the contraction dim
+    K: (1, 128) for activations and gradients, (128, 128) for weights. Real e4m3 tensor-core GEMM
+    on Hopper (fp8_scaled_mm); elsewhere an emulation that multiplies the same e4m3 numbers:
+    dequantize, then a float32 matmul with float32 accumulation, as the paper's promotion does."""
+    if qa.dim() == 2 and qa.size(-1) % FP8_BLOCK == 0 and qb.size(0) % FP8_BLOCK == 0 \
+            and fp8_real_available(qa.device):
+        return fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block).to(out_dtype)
+    with torch.autocast(qa.device.type, enabled=False):  # the emulation's product stays float32
+        return (fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT).to(out_dtype)
+
+
+def fp8_matmul(a, a_block, b, b_block, out_dtype):
+    """Quantize both operands online (scales from the current max, §3.3) and multiply."""
+    return fp8_gemm(*fp8_quantize(a, a_block), a_block, *fp8_quantize(b, b_block), b_block, out_dtype)
+
+
+class FP8Matmul(torch.autograd.Function):
+    """y = x @ w^T with all three training GEMMs on FP8 inputs (Figure 6):
+    Fprop  y  = Q(x; 1x128)   @ Q(w; 128x128)^T
+    Dgrad  dx = Q(dy; 1x128)  @ Q(w^T; 128x128)^T
+    Wgrad  dw = Q(dy^T; 1x128) @ Q(x^T; 1x128)^T   (x and dy tiled 128x1 along tokens)
+    x (..., M, K), w (..., N, K); batch dims allow the stacked experts. Master weights and
+    gradients stay in their own (higher) precision."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return fp8_matmul(x, ACT, w, WEIGHT, x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = fp8_matmul(dy, ACT, w.mT, WEIGHT, x.dtype)
+        dw = fp8_matmul(dy.mT, ACT, x.mT, ACT, w.dtype)
+        return dx, dw
+
+
+class FP8Linear(Linear):
+    """Part 1's Linear with its products on e4m3. High-precision weight (training with --fp8):
+    the three GEMMs of FP8Matmul while gradients are on. FP8 weight (a published FP8 checkpoint):
+    `weight` e4m3 with one float32 `scale` per 128x128 block (the published `weight_scale_inv`,
+    a multiplier despite its name), activations quantized per 1x128 tile on Hopper, the weight
+    dequantized elsewhere."""
+
+    def dense_weight(self, dtype):
+        return fp8_dequantize(self.weight, self.scale, dtype=dtype) if self.weight.dtype == FP8_DTYPE else self.weight
+
+    def forward(self, x):
+        if self.weight.dtype == FP8_DTYPE:
+            if fp8_real_available(x.device):
+                qx, sx = fp8_quantize(x.flatten(0, -2), ACT)
+                return fp8_gemm(qx, sx, ACT, self.weight, self.scale, WEIGHT, x.dtype).unflatten(0, x.shape[:-1])
+            return F.linear(x, self.dense_weight(x.dtype))
+        if torch.is_grad_enabled():
+            return FP8Matmul.apply(x.flatten(0, -2), self.weight).unflatten(0, x.shape[:-1])
+        return F.linear(x, self.weight)
+
+
+def expert_matmul(experts, x, name):
+    """x (..., M, K) @ W^T for expert weights W = experts.<name> (..., N, K): high precision,
+    FP8-stored (dequantized) or FP8-trained (FP8Matmul)."""
+    w = getattr(experts, name)
+    if w.dtype == FP8_DTYPE:
+        return x @ fp8_dequantize(w, getattr(experts, name + "_scale"), dtype=x.dtype).mT
+    if getattr(experts, "fp8_train", False) and torch.is_grad_enabled():
+        return FP8Matmul.apply(x, w)
+    return x @ w.mT
+
+
+@torch.no_grad()
+def use_fp8(model, store=False):
+    """Swap FP8Linear into every projection (embedding, head, gate and norms stay high precision,
+    §3.3) and run the routed experts' products through FP8Matmul. store=True also quantizes the
+    weights to e4m3 with 128x128 block scales (FP8 inference, half the bytes of BF16)."""
+    for m in list(model.modules()):
+        if type(m) is Linear:
+            m.__class__ = FP8Linear
+            if store:
+                q, s = fp8_quantize(m.weight, WEIGHT)
+                m.weight = nn.Parameter(q, requires_grad=False)
+                m.scale = nn.Parameter(s, requires_grad=False)
+        elif isinstance(m, Experts):
+            m.fp8_train = not store
+            for name in ("w1", "w2", "w3") if store else ():
+                q, s = fp8_quantize(getattr(m, name), WEIGHT)
+                setattr(m, name, nn.Parameter(q, requires_grad=False))
+                setattr(m, name + "_scale", nn.Parameter(s, requires_grad=False))
+    return model
+
+
+def fp8_real_available(device):
+    """Hardware FP8 with block scales: torch's scaled_mm with BlockWise scaling, which torch 2.13
+    supports on SM90 (Hopper) with CUDA >= 12.9 only (elsewhere it raises NotImplementedError)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
+        return False
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return torch.cuda.get_device_capability(device) == (9, 0) and cuda >= (12, 9)
+
+
+def fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block):
+    """Hopper's block-scaled e4m3 GEMM with the layouts cuBLAS expects (torch's scaled_mm tests):
+    b column-major; 1x128 scales outer-dim-major (stride 1 along M, also for M = 1); 128x128
+    scales of b as (ceil(K/128) padded to a multiple of 4, N/128), transposed. float32 out."""
+    kind = {ACT: F.ScalingType.BlockWise1x128, WEIGHT: F.ScalingType.BlockWise128x128}
+    outer_major = lambda s: torch.empty_strided(s.shape, (1, s.size(0)), dtype=s.dtype, device=s.device).copy_(s)
+    sa = outer_major(sa)
+    sb = outer_major(sb) if b_block == ACT else F.pad(sb, (0, -sb.size(1) % 4)).t()
+    return F.scaled_mm(qa, qb.t(), sa, kind[a_block], sb, kind[b_block], output_dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
+# Expert back-ends: part 1's Experts.forward loops over the experts; these compute the same sum
+# in one or a few large products. Picked per call, for the hardware and the number of pairs:
+#   gather  - CPU decoding (fewer (token, expert) pairs than experts, or inside a compiled
+#             inference step): each pair multiplies its expert's weights in place, no sort, no
+#             host sync, so a compiled step stays one graph;
+#   grouped - torch's grouped GEMM over the sorted pairs: CUDA in bfloat16 (its only dtype
+#             there), and CPU with few pairs per expert;
+#   padded  - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training and FP8.
+
+def fast_experts(self, x, weights, idx):
+    """Experts.forward through the back-ends above; same arguments and result as the loop."""
+    (N, K), E = idx.shape, self.w1.size(0)
+    first = getattr(self, "first", None)  # expert parallel (see shard): experts [first, first + E)
+    if first is not None:                 # local ids; another rank's expert gets id E, weight 0
+        mine = (idx >= first) & (idx < first + E)
+        idx, weights = torch.where(mine, idx - first, E), weights * mine
+    fp8 = getattr(self, "fp8_train", False) or self.w1.dtype == FP8_DTYPE
+    compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    if (N * K < E or compiled_inference) and not x.is_cuda and not fp8:
+        return gather_experts(self, x, weights, idx.clamp(max=E - 1))
+    flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
+    order = flat.argsort(stable=True)                # pairs grouped by expert, id E last
+    counts = flat.bincount(minlength=E)[:E]
+    if first is not None:
+        order = order[:int(counts.sum())]            # drop the other ranks' pairs
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if hasattr(F, "grouped_mm") and not fp8 and (dtype == torch.bfloat16 if x.is_cuda else N * K < E * 8):
+        pair = order
+        h = grouped_experts(self, x[order // K], counts, dtype)             # (N*K, D)
+    else:
+        expert = flat[order]
+        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+        cap = -(-int(counts.max()) // 64) * 64       # rounded up: few distinct shapes to compile
+        pair = torch.full((E, cap), N * K, device=x.device)                 # N*K = padding
+        pair[expert, slot] = order
+        h = padded_experts(self, F.pad(x, (0, 0, 0, 1))[pair // K])         # (E, cap, D)
+    w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)                  # 0 for padding
+    y = h.new_zeros(N + 1, x.size(1))                                       # row N: padding
+    return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
+
+
+def gather_experts(self, x, weights, idx):
+    """Each token's K experts' weights gathered, one at a time (fewer temporaries alive), and
+    x repeated per expert, so each (token, expert) pair is its own one-row product."""
+    N, K = idx.shape
+    gather = lambda w: w.index_select(0, idx.flatten()).unflatten(0, (N, K))   # (N, K, *, *)
+    xk = x[:, None].expand(-1, K, -1)                                           # (N, K, D)
+    h = (F.silu(torch.einsum("nkd,nkid->nki", xk, gather(self.w1)))
+         * torch.einsum("nkd,nkid->nki", xk, gather(self.w3)))                   # (N, K, I)
+    y = torch.einsum("nki,nkdi->nkd", h, gather(self.w2))                       # (N, K, D)
+    return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
+
+
+def grouped_experts(self, xs, counts, dtype):
+    """One grouped GEMM per projection over the expert segments of xs (N*K, D), sorted by expert."""
+    offs = counts.cumsum(0).to(torch.int32)
+    mm = lambda t, w: F.grouped_mm(t.to(dtype), w.to(dtype).mT, offs=offs)  # autocast skips grouped_mm
+    return mm(F.silu(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
+
+
+def padded_experts(self, buf):
+    """buf (E, cap, D): each expert's rows padded to the largest count -> (E, cap, D) by batched
+    matmuls (E * cap - N*K idle rows when the load is uneven)."""
+    mm = lambda t, name: expert_matmul(self, t, name)
+    return mm(F.silu(mm(buf, "w1")) * mm(buf, "w3"), "w2")
+
+
+Experts.backend = fast_experts
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation (§2.2, §5.4.3): latent KV cache, absorbed decoding, MTP speculative decoding,
+# compiled static-shape steps, sampling
+
+def setup_cache(model, batch_size, max_len):
+    """Give every MLA a latent cache of at least (batch_size, max_len); the length is rounded up
+    to a multiple of 256, since a compiled decode step is specialised to the cache's shape."""
+    a, p = model.args, model.embed.weight
+    dtype, max_len = p.dtype, min(-(-max_len // 256) * 256, a.max_seq_len)
+    for m in model.modules():
+        if isinstance(m, MLA) and (m.kv_cache is None or m.kv_cache.size(0) < batch_size
+                                   or m.kv_cache.size(1) < max_len or m.kv_cache.dtype != dtype):
+            m.kv_cache = torch.zeros(batch_size, max_len, a.kv_lora_rank, device=p.device, dtype=dtype)
+            m.pe_cache = torch.zeros(batch_size, max_len, a.qk_rope_head_dim, device=p.device, dtype=dtype)
+
+
+def decode_step(model, tokens, pos, kv_len):
+    """tokens (B, T) at positions pos (B, T), attending cached keys [0, kv_len) in the absorbed
+    form -> hidden states (B, T, D) and logits (B, T, V)."""
+    h = model.trunk(tokens, pos, kv_len)
+    return h, model.head(h)
+
+
+def next_token(model, tokens, pos, kv_len, temperature, top_p, top_k):
+    """One plain decoding step: tokens (B, 1) at pos (B, 1) -> the next tokens (B,)."""
+    return sample(decode_step(model, tokens, pos, kv_len)[1][:, -1], temperature, top_p, top_k)
+
+
+def draft_step(model, h, next_tokens, pos, kv_len=None):
+    """MTP draft: main hidden states h (B, T, D) at pos paired with the tokens that follow them
+    (B, T) -> logits (B, T, V) for the token after those. kv_len None: a prefill."""
+    return model.head(model.mtp[0](h, model.embed(next_tokens), model.freqs_cis[pos], pos, kv_len))
+
+
+def speculative_step(model, out, n, draft, q, kv_len, temperature, top_p, top_k):
+    """One round of MTP speculative decoding on the token buffer out (B, L + 2), in place: row b
+    holds n[b] tokens (done at L; the 2 spare columns take a finished row's writes), and d =
+    draft (B,) is the MTP module's guess for the next one, with probabilities q (B, V) (None
+    when greedy). The main model scores (last token, d) in one forward: d is accepted if it is
+    the greedy choice, or when sampling with probability min(1, p(d)/q(d)), else replaced by a
+    sample of max(p - q, 0), which keeps p's distribution; an accepted d brings the token after
+    it. Then the MTP module drafts at both positions. -> n, draft, q for the next round, and
+    accept (B,)."""
+    L, rows = out.size(1) - 2, torch.arange(out.size(0), device=out.device)
+    pick = lambda logits: sample(logits, temperature, top_p, top_k)
+    active = n < L
+    pos = (n - 1)[:, None] + torch.arange(2, device=out.device)      # (B, 2)
+    h, logits = decode_step(model, torch.stack([out[rows, n - 1], draft], 1), pos, kv_len)
+    if temperature == 0:
+        target = logits[:, 0].argmax(-1)
+        accept = target == draft
+    else:
+        p0 = probs(logits[:, 0], temperature, top_p, top_k)
+        ratio = p0.gather(1, draft[:, None]) / q.gather(1, draft[:, None])
+        accept = torch.rand_like(ratio[:, 0]) < ratio[:, 0]
+        residual = (p0 - q).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p0)
+        target = draw(residual)
+    accept &= active
+    tok0, tok1 = torch.where(accept, draft, target), pick(logits[:, 1])
+    out[rows, torch.where(active, n, L + 1)] = tok0
+    out[rows, torch.where(accept, n + 1, L + 1)] = tok1
+    drafts = draft_step(model, h, torch.stack([tok0, tok1], 1), pos, kv_len)  # (B, 2, V)
+    last = drafts[rows, accept.long()]  # the draft made at the last accepted position
+    q = probs(last, temperature, top_p, top_k) if temperature else None
+    return torch.where(active, n + 1 + accept.long(), n).clamp(max=L), pick(last), q, accept
+
+
+def compiled_steps(model):
+    """next_token and speculative_step through torch.compile, made once per model. Shapes are
+    static (kv_len is always the cache length: keys past each position are masked, not cut), so
+    one graph serves every step; torch recompiles only for a new batch size or cache length. The
+    C++ wrapper calls the kernels without Python between them, but cannot call collectives yet
+    (so not under tensor/expert parallelism). decompose_mm_pass compiles one row's matrix-vector
+    products as fused loops instead of BLAS calls (CPU; a no-op for these shapes on CUDA)."""
+    if not hasattr(model, "_compiled_steps"):
+        options = {"cpp_wrapper": getattr(model, "world_size", 1) == 1,
+                   "post_grad_fusion_options": {"decompose_mm_pass": {}}}
+        c = lambda f: torch.compile(f, fullgraph=True, dynamic=False, options=options)
+        model._compiled_steps = (c(lambda *a: next_token(model, *a)),
+                                 c(lambda *a: speculative_step(model, *a)))
+    return model._compiled_steps
+
+
+@torch.inference_mode()
+def generate(model, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculative=False,
+             top_k=0, callback=None, stats=None, compile=False):
+    """Append max_new_tokens to tokens (B, T0) -> (B, T0 + max_new_tokens). The prompt goes
+    through in one forward (expanded attention, filling the cache), then each step feeds only
+    the new token(s) through the absorbed form. speculative=True drafts with the first MTP
+    module and verifies in the main model; greedy output is unchanged and sampled output
+    keeps the main model's distribution (rejection sampling). compile=True runs the steps
+    through compiled_steps, attending the whole cache (the first call waits for the compiler).
+    callback(out, lengths) is called after each step with the buffer and the per-row number
+    of valid tokens."""
+    B, T0 = tokens.shape
+    total = T0 + max_new_tokens
+    if max_new_tokens <= 0:
+        raise ValueError("max_new_tokens must be positive")
+    if total + speculative > model.args.max_seq_len:  # verification looks one position ahead
+        raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) exceed the context "
+                         f"of {model.args.max_seq_len}; shorten the prompt or generate fewer")
+    if speculative and not len(model.mtp):
+        raise ValueError("speculative decoding needs an MTP module (n_mtp >= 1)")
+    setup_cache(model, B, total + speculative)
+    if compile:
+        step, spec_step = compiled_steps(model)
+    else:
+        step, spec_step = partial(next_token, model), partial(speculative_step, model)
+    S = model.layers[0].attn.kv_cache.size(1)
+    span = (lambda kv_len: S) if compile else (lambda kv_len: kv_len)  # compiled: static shapes
+    out = torch.zeros(B, total + 2, dtype=torch.long, device=tokens.device)  # + 2: speculative_step
+    out[:, :T0] = tokens
+    pos = torch.arange(T0, device=tokens.device).expand(B, T0)
+    h = model.trunk(tokens, pos)                                      # prefill: fills the cache
+    pick = lambda logits: sample(logits, temperature, top_p, top_k)
+    out[:, T0] = tok = pick(model.head(h[:, -1]))                     # (B,)
+    n = torch.full((B,), T0 + 1, device=tokens.device)  # tokens known per row
+    if callback:
+        callback(out[:, :total], n)
+    # Within one generate the steps' inputs change values, never shapes, dtypes or constants:
+    # only the first call of each loop (which may compile) checks dynamo's guards.
+    unguarded = lambda later: (torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+                               if compile and later else contextlib.nullcontext())
+    if not speculative:
+        for t in range(T0 + 1, total):
+            p = torch.full((B, 1), t - 1, device=tokens.device)
+            with unguarded(t > T0 + 1):
+                out[:, t] = tok = step(tok[:, None], p, span(t), temperature, top_p, top_k)
+            if callback:
+                callback(out[:, :total], n.fill_(t + 1))
+        return out[:, :total]
+
+    # MTP prefill: position i pairs the main hidden state h_i with Emb(t_{i+1}) -> draft t_{i+2}
+    mtp_logits = draft_step(model, h, out[:, 1:T0 + 1], pos)[:, -1]
+    q = probs(mtp_logits, temperature, top_p, top_k) if temperature else None
+    draft = pick(mtp_logits)
+    while (least := int(n.min())) < total:
+        if stats is not None:
+            stats["drafted"] = stats.get("drafted", 0) + int((n < total).sum())
+        with unguarded(least > T0 + 1):
+            n, draft, q, accept = spec_step(out, n, draft, q, span(int(n.max()) + 1),
+                                            temperature, top_p, top_k)
+        if stats is not None:
+            stats["accepted"] = stats.get("accepted", 0) + int(accept.sum())
+        if callback:
+            callback(out[:, :total], n)
+    return out[:, :total]
+
 
 def probs(logits, temperature=1.0, top_p=1.0, top_k=0):
     """Softmax of logits / temperature restricted to the top_k tokens and to the smallest set
@@ -1153,7 +955,7 @@ def draw(weights):
     """(..., V) non-negative weights -> one index per row, i with probability w_i / sum(w): an
     exponential race, argmax_i w_i / E_i with E_i ~ Exp(1) (the first of clocks with rates w_i to
     ring is i with that probability). E = -log(u) for u uniform, clamped so that E is never 0.
-    It fuses into a compiled step; torch.multinomial took ~0.1 ms a call here."""
+    Unlike torch.multinomial it fuses into a compiled step."""
     race = -torch.rand_like(weights, dtype=torch.float32).clamp_(min=1e-20).log()
     return (weights / race).argmax(-1)
 
@@ -1163,6 +965,382 @@ def sample(logits, temperature=0.0, top_p=1.0, top_k=0):
     if temperature == 0:
         return logits.argmax(-1)
     return draw(probs(logits, temperature, top_p, top_k))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallelism for inference (§3.4): tensor-parallel attention and FFN, expert-parallel MoE,
+# applied to a built model (as gpt-fast's apply_tp does): each rank keeps its slice of the split
+# weights, and forward hooks add up the ranks' partial outputs. Training uses data parallelism
+# (train.py). Under torchrun, with the process group initialised.
+
+def shard(model, rank, world_size):
+    """Keep rank's part of `model` (of world_size ranks), best on the meta device before loading:
+    attention: heads [r H/n, (r+1) H/n): rows of wq (or wq_b) and wkv_b, columns of wo;
+    dense FFN and shared experts: 1/n of the width: rows of w1 and w3, columns of w2;
+    routed experts: [r E/n, (r+1) E/n); output head: 1/n of the vocabulary rows.
+    Replicated: embedding, norms, router, wq_a, wkv_a (so the latent cache), MTP eh_proj."""
+    a = model.args
+    splits = dict(n_heads=a.n_heads, vocab_size=a.vocab_size, inter_dim=a.inter_dim,
+                  n_routed_experts=a.n_routed_experts, shared_inter_dim=a.n_shared_experts * a.moe_inter_dim)
+    for name, v in splits.items():
+        if v % world_size:
+            raise ValueError(f"{name} ({v}) does not split over {world_size} ranks; "
+                             "use a number of ranks that divides it")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+
+    def keep(module, name, dim):  # this rank's 1/world_size of a parameter along dim
+        p = getattr(module, name)
+        n = p.size(dim) // world_size
+        setattr(module, name, nn.Parameter(p.narrow(dim, rank * n, n).clone(), requires_grad=p.requires_grad))
+
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.n_heads //= world_size
+            keep(m.wq_b if a.q_lora_rank else m.wq, "weight", 0)
+            keep(m.wkv_b, "weight", 0)
+            keep(m.wo, "weight", 1)
+        elif isinstance(m, MLP):
+            keep(m.w1, "weight", 0), keep(m.w3, "weight", 0), keep(m.w2, "weight", 1)
+        elif isinstance(m, Experts):
+            m.first = rank * (m.w1.size(0) // world_size)
+            for name in ("w1", "w2", "w3"):
+                keep(m, name, 0)
+        elif isinstance(m, Block):
+            m.attn.register_forward_hook(all_reduce)
+            m.ffn.register_forward_hook(all_reduce)
+    keep(model.head, "weight", 0)
+    model.head.register_forward_hook(all_gather_vocab)
+    model.world_size = world_size
+    return model
+
+
+def all_reduce(module, inputs, y):
+    """Forward hook: the sum of the ranks' partial outputs (their heads' share of wo; their FFN
+    columns and experts)."""
+    torch.distributed.all_reduce(y)
+    return y
+
+
+def all_gather_vocab(module, inputs, y):
+    """Forward hook on the head: every rank's vocabulary slice of the logits, concatenated."""
+    parts = [torch.empty_like(y) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, y.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint I/O in the published Hugging Face layout: config.json, *.safetensors (sharded with
+# model.safetensors.index.json or not), FP8 weights with 128x128 block scales
+
+class CheckpointError(Exception):
+    pass
+
+
+def atomic_write(dest, write):
+    """write(tmp) to a temporary name beside dest, then rename it over dest: a kill at any moment
+    leaves the previous file or the new one, never a torn one."""
+    tmp = f"{dest}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def args_from_hf_config(c):
+    """Read a published config.json (DeepSeek-V3, or the V2 family with softmax scoring)."""
+    if c.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
+        raise ValueError(f"unsupported model_type {c.get('model_type')!r}; expected 'deepseek_v3' (or 'deepseek_v2')")
+    rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    yarn = rs.get("type", rs.get("rope_type")) == "yarn"
+    n_routed = c.get("n_routed_experts") or 0
+    n_layers = c["num_hidden_layers"]
+    return ModelArgs(
+        vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
+        n_layers=n_layers, n_heads=c["num_attention_heads"],
+        n_dense_layers=c.get("first_k_dense_replace", 0) if n_routed else n_layers,
+        norm_eps=c.get("rms_norm_eps", 1e-6), max_seq_len=c.get("max_position_embeddings", 4096),
+        q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
+        qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
+        v_head_dim=c["v_head_dim"], moe_inter_dim=c.get("moe_intermediate_size") or 0,
+        n_routed_experts=n_routed, n_shared_experts=c.get("n_shared_experts") or 0,
+        n_activated_experts=c.get("num_experts_per_tok") or 0,
+        n_expert_groups=c.get("n_group") or 1, n_limited_groups=c.get("topk_group") or 1,
+        score_func=c.get("scoring_func", "softmax"), route_scale=c.get("routed_scaling_factor", 1.0),
+        norm_topk_prob=c.get("norm_topk_prob", False), balance_alpha=c.get("aux_loss_alpha", 1e-4),
+        bias_update_speed=c.get("bias_update_speed", 1e-3), n_mtp=c.get("num_nextn_predict_layers", 0),
+        rope_theta=c.get("rope_theta", rs.get("rope_theta", 10000.0)),
+        rope_factor=rs.get("factor", 1.0) if yarn else 1.0,
+        original_seq_len=rs.get("original_max_position_embeddings", 4096),
+        beta_fast=rs.get("beta_fast", 32), beta_slow=rs.get("beta_slow", 1),
+        mscale=rs.get("mscale", 1.0), mscale_all_dim=rs.get("mscale_all_dim", 1.0),
+        init_std=c.get("initializer_range", 0.006))
+
+
+def hf_config(a):
+    """ModelArgs -> the published config.json (dict)."""
+    c = dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.inter_dim,
+        moe_intermediate_size=a.moe_inter_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_heads,
+        n_routed_experts=a.n_routed_experts, n_shared_experts=a.n_shared_experts,
+        num_experts_per_tok=a.n_activated_experts, n_group=a.n_expert_groups,
+        topk_group=a.n_limited_groups, routed_scaling_factor=a.route_scale,
+        norm_topk_prob=a.norm_topk_prob, scoring_func=a.score_func,
+        topk_method="noaux_tc" if a.score_func == "sigmoid" else "group_limited_greedy",
+        first_k_dense_replace=a.n_dense_layers, q_lora_rank=a.q_lora_rank or None,
+        kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
+        qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
+        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+        max_position_embeddings=a.max_seq_len, num_nextn_predict_layers=a.n_mtp,
+        hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
+        rope_interleave=True, initializer_range=a.init_std,
+        aux_loss_alpha=a.balance_alpha, bias_update_speed=a.bias_update_speed,
+        rope_scaling=None if a.rope_factor <= 1 else dict(
+            type="yarn", factor=a.rope_factor, original_max_position_embeddings=a.original_seq_len,
+            beta_fast=a.beta_fast, beta_slow=a.beta_slow, mscale=a.mscale, mscale_all_dim=a.mscale_all_dim))
+    if a.fp8_weights:
+        c["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                        weight_block_size=[FP8_BLOCK, FP8_BLOCK])
+    return c
+
+
+# Our module -> its published name (inside model.layers.{i}. for a block's modules), and the dim
+# along which tensor parallelism splits its weight (None: every rank holds all of it; routed
+# experts are split by expert instead, see shard). MTP module k is model.layers.{n_layers + k}.
+NAMES = {
+    "embed": ("model.embed_tokens", None),
+    "norm": ("model.norm", None),
+    "head": ("lm_head", 0),
+    "attn_norm": ("input_layernorm", None),
+    "ffn_norm": ("post_attention_layernorm", None),
+    "attn.wq": ("self_attn.q_proj", 0),
+    "attn.wq_a": ("self_attn.q_a_proj", None),
+    "attn.q_norm": ("self_attn.q_a_layernorm", None),
+    "attn.wq_b": ("self_attn.q_b_proj", 0),
+    "attn.wkv_a": ("self_attn.kv_a_proj_with_mqa", None),
+    "attn.kv_norm": ("self_attn.kv_a_layernorm", None),
+    "attn.wkv_b": ("self_attn.kv_b_proj", 0),
+    "attn.wo": ("self_attn.o_proj", 1),
+    "ffn.w1": ("mlp.gate_proj", 0),                                  # dense FFN
+    "ffn.w3": ("mlp.up_proj", 0),
+    "ffn.w2": ("mlp.down_proj", 1),
+    "ffn.shared_experts.w1": ("mlp.shared_experts.gate_proj", 0),
+    "ffn.shared_experts.w3": ("mlp.shared_experts.up_proj", 0),
+    "ffn.shared_experts.w2": ("mlp.shared_experts.down_proj", 1),
+    "ffn.gate": ("mlp.gate", None),                                 # bias: e_score_correction_bias
+    "ffn.experts.w1": ("mlp.experts.{j}.gate_proj", None),          # stacked (E, ...) here
+    "ffn.experts.w3": ("mlp.experts.{j}.up_proj", None),
+    "ffn.experts.w2": ("mlp.experts.{j}.down_proj", None),
+    "enorm": ("enorm", None),                                        # MTP module
+    "hnorm": ("hnorm", None),
+    "eh_proj": ("eh_proj", None),
+    "shared_head.norm": ("shared_head.norm", None),
+}
+LEAVES = {"weight": "weight", "scale": "weight_scale_inv", "bias": "e_score_correction_bias"}
+
+
+def _split_name(name, n_layers):
+    """Our parameter name -> (published prefix, NAMES key, leaf)."""
+    prefix = ""
+    if m := re.fullmatch(r"layers\.(\d+)\.(.*)", name):
+        prefix, name = f"model.layers.{m[1]}.", m[2]
+    elif m := re.fullmatch(r"mtp\.(\d+)\.(block\.)?(.*)", name):
+        prefix, name = f"model.layers.{n_layers + int(m[1])}.", m[3]
+        name = "shared_head." + name if not m[2] and name.startswith("norm.") else name
+    if m := re.fullmatch(r"(ffn\.experts\.w\d)(_scale)?", name):   # stacked experts' parameters
+        return prefix, m[1], "scale" if m[2] else "weight"
+    module, leaf = name.rsplit(".", 1)
+    return prefix, module, leaf
+
+
+def hf_name(name, n_layers):
+    """Our parameter name -> the published one; stacked experts give a template with {j}.
+    e.g. layers.3.ffn.experts.w1 -> model.layers.3.mlp.experts.{j}.gate_proj.weight,
+         mtp.0.norm.weight      -> model.layers.61.shared_head.norm.weight (n_layers = 61)."""
+    prefix, module, leaf = _split_name(name, n_layers)
+    return prefix + NAMES[module][0] + "." + LEAVES[leaf]
+
+
+def split_dim(name, n_layers):
+    return NAMES[_split_name(name, n_layers)[1]][1]
+
+
+def hf_state_dict(model):
+    """Our state dict under the published names; stacked experts split per expert, and each
+    MTP layer given its copies of the shared embedding and head, as the published files do."""
+    out, n = {}, model.args.n_layers
+    for name, t in model.state_dict().items():
+        hf = hf_name(name, n)
+        if "{j}" in hf:
+            out.update({hf.format(j=j): t[j].clone() for j in range(t.size(0))})
+        else:
+            out[hf] = t.detach().clone()
+    for k in range(len(model.mtp)):
+        out[f"model.layers.{n + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()
+        out[f"model.layers.{n + k}.shared_head.head.weight"] = model.head.weight.detach().clone()
+    return out
+
+
+def save_pretrained(model, path, max_shard_bytes=4 << 30):
+    """Write config.json and safetensors (sharded with an index past max_shard_bytes). Every
+    file goes to a temporary name first and is renamed, so a kill never leaves a torn file."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict(model)
+    shards, size = [{}], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name], size = t.contiguous(), size + nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard_ in zip(names, shards):
+        atomic_write(path / fname, lambda tmp: save_file(shard_, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: f for f, s in zip(names, shards) for k in s}}
+        atomic_write(path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    cfg = {**hf_config(model.args), "torch_dtype": str(model.embed.weight.dtype).split(".")[-1]}
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+
+
+def meta_model(args, rank=0, world_size=1, dtype=torch.float32):
+    """The model as rank `rank` of world_size holds it, on the meta device (nothing allocated):
+    high-precision tensors in dtype, or FP8 projections when dtype is float8_e4m3fn (bfloat16
+    for the rest). The routing bias stays float32."""
+    keep_fp8 = dtype == FP8_DTYPE
+    with torch.device("meta"):
+        model = Transformer(replace(args, fp8_weights=False))
+        if world_size > 1:
+            shard(model, rank, world_size)
+        if keep_fp8:
+            use_fp8(model, store=True)
+    model.args = replace(args, fp8_weights=keep_fp8)
+    for name, p in model.named_parameters():
+        if p.dtype != FP8_DTYPE and not name.endswith("scale"):
+            p.data = p.data.to(torch.bfloat16 if keep_fp8 else dtype)
+    return model
+
+
+def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=1):
+    """Load a published-layout folder. FP8 weights are dequantized to `dtype`, or kept FP8
+    (with bfloat16 compute) when dtype is torch.float8_e4m3fn. MTP layers load when present.
+    With world_size > 1 (torchrun, process group initialised) this rank reads only its part:
+    its slices of the split projections (NAMES) and its routed experts (see shard)."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} not found; train one with "
+                              "`python train.py` or pass the folder of a published checkpoint")
+    try:
+        args = args_from_hf_config(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+    index = path / "model.safetensors.index.json"
+    try:
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+                 else [f.name for f in sorted(path.glob("model*.safetensors"))])
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"cannot read {index}: {e!r}") from None
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    where = {}  # published tensor name -> file
+    try:
+        for f in files:
+            with safe_open(path / f, "pt") as fh:
+                where.update(dict.fromkeys(fh.keys(), f))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {path / f}: {e}") from None
+    if args.n_mtp and not any(k.startswith(f"model.layers.{args.n_layers}.") for k in where):
+        args = replace(args, n_mtp=0)  # e.g. saved by a tool that drops the MTP layers
+    keep_fp8 = dtype == FP8_DTYPE
+    try:
+        model = meta_model(args, rank, world_size, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    model.to_empty(device=device)
+    # every destination: published name -> (our name, tensor to fill, expert index or None)
+    targets = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.endswith("scale"):
+            continue  # filled together with their weight
+        hf = hf_name(name, args.n_layers)
+        if "{j}" in hf:  # stacked experts: this rank's, from its first one on
+            first = getattr(model.get_submodule(name.rpartition(".")[0]), "first", 0)
+            targets.update({hf.format(j=first + j): (name, t, j) for j in range(t.size(0))})
+        else:
+            targets[hf] = (name, t, None)
+    handles = {}
+
+    def read(key, want, d):
+        """This rank's part of tensor `key` -> (tensor, FP8 block scales or None): along dim d
+        (None: all of it) rows [rank n, (rank + 1) n) of a tensor of world_size * n rows, for FP8
+        the 128-blocks around them with their scales; dequantized unless FP8 is kept."""
+        sl = handles[where[key]].get_slice(key)
+        full = list(sl.get_shape())
+        if d is not None:
+            full[d] //= world_size
+        if full != list(want) or d is not None and sl.get_shape()[d] % world_size:
+            per_rank = f" on each of {world_size} ranks" if world_size > 1 else ""
+            raise CheckpointError(f"shape mismatch for {key}: expected {tuple(want)}{per_rank}, "
+                                  f"found {tuple(sl.get_shape())}")
+        lo, hi = (rank * want[d], (rank + 1) * want[d]) if d is not None else (0, want[0])
+        d = d or 0
+        rows = lambda s, a, b: s[(slice(None),) * d + (slice(a, b),)]  # [a, b) along dim d
+        scale_key = key.replace(".weight", ".weight_scale_inv")
+        if scale_key not in where or sl.get_dtype() != "F8_E4M3":
+            return rows(sl, lo, hi), None
+        b0, b1 = lo // FP8_BLOCK, -(-hi // FP8_BLOCK)  # the 128-blocks covering [lo, hi)
+        t = rows(sl, b0 * FP8_BLOCK, min(b1 * FP8_BLOCK, sl.get_shape()[d]))
+        if where[scale_key] not in handles:  # each shard opened once
+            handles[where[scale_key]] = safe_open(path / where[scale_key], "pt", device=str(device))
+        scale = rows(handles[where[scale_key]].get_slice(scale_key), b0, b1)
+        if keep_fp8 and lo % FP8_BLOCK:
+            raise CheckpointError(f"{key}: rank {rank}'s rows start at {lo}, inside a 128-block; keep FP8 "
+                                  "with a number of ranks that cuts at block edges, or load as bfloat16")
+        if not keep_fp8:
+            t, scale = fp8_dequantize(t, scale), None
+        return t.narrow(d, lo - b0 * FP8_BLOCK, hi - lo), scale
+
+    try:
+        for f in tqdm(files, desc="loading", unit="shard", disable=len(files) < 2):
+            handles[f] = safe_open(path / f, "pt", device=str(device))
+            for key in handles[f].keys():
+                if key not in targets:
+                    continue  # another rank's expert, or unused (the MTP layer's copy of the embedding)
+                name, dest, j = targets.pop(key)
+                d = split_dim(name, args.n_layers) if world_size > 1 else None
+                t, scale = read(key, dest.shape[1:] if j is not None else dest.shape, d)
+                if t.dtype == FP8_DTYPE and scale is None:
+                    raise CheckpointError(f"{key} is FP8 but its weight_scale_inv is missing")
+                if not torch.isfinite(t.float() if t.dtype == FP8_DTYPE else t).all() or \
+                        scale is not None and not torch.isfinite(scale).all():
+                    raise CheckpointError(f"{key} in {path / f} holds NaN or inf; the checkpoint is corrupt: "
+                                          "re-save it or point to another checkpoint")
+                if dest.dtype == FP8_DTYPE and scale is None:  # a high-precision tensor where we keep FP8
+                    t, scale = fp8_quantize(t, WEIGHT)
+                with torch.no_grad():
+                    (dest[j] if j is not None else dest).copy_(t)
+                    if dest.dtype == FP8_DTYPE:  # keep FP8: bring the block scales along
+                        sdest = model.get_parameter(name + "_scale" if j is not None else
+                                                    name.replace(".weight", ".scale"))
+                        (sdest[j] if j is not None else sdest).copy_(scale)
+    finally:
+        handles.clear()
+    if targets:
+        raise CheckpointError(f"missing tensor {next(iter(targets))} in {path} ({len(targets)} missing in all)")
+    model.freqs_cis = precompute_freqs_cis(args).to(device)
+    for m in model.moe_layers():
+        m.load = torch.zeros_like(m.load)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import infer
-from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, draw,
-                   fp8_dequantize, fp8_quantize, hf_name, kv_bytes_per_token, precompute_freqs_cis, probs)
+from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, decode_step,
+                   draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict, kv_bytes_per_token,
+                   padded_experts, precompute_freqs_cis, probs)
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, atomic_write, decode, encode, epoch_stream,
                    evaluate, fim_prompt, fim_split, load_documents, main, schedule, val_batches)
 
@@ -107,11 +108,11 @@ def test_static_shape_step_over_whole_cache_equals_cut_cache(T):
     S = model.layers[0].attn.kv_cache.size(1)
     assert S == 64  # rounded up to 256, capped at max_seq_len
     with torch.no_grad():
-        model.decode_step(tokens[:, :5], torch.arange(5).expand(2, 5), 5)
+        decode_step(model, tokens[:, :5], torch.arange(5).expand(2, 5), 5)
         for t in range(5, 21 - T + 1, T):
             pos = torch.arange(t, t + T).expand(2, T)
-            cut = model.decode_step(tokens[:, t:t + T], pos, t + T)[1]
-            static = model.decode_step(tokens[:, t:t + T], pos, S)[1]
+            cut = decode_step(model, tokens[:, t:t + T], pos, t + T)[1]
+            static = decode_step(model, tokens[:, t:t + T], pos, S)[1]
             assert rel(static, cut) < 1e-5 and rel(static, full[:, t:t + T]) < 1e-5, t
 
 
@@ -262,8 +263,8 @@ def test_grouped_mm_path_equals_padded_path():
     buf = torch.zeros(8, int(counts.max()), args.dim)           # the same, padded per expert
     for e in range(8):
         buf[e, :counts[e]] = xs[counts[:e].sum():counts[:e + 1].sum()]
-    padded = torch.cat([moe.experts._padded(buf)[e, :counts[e]] for e in range(8)])
-    assert rel(moe.experts._grouped(xs, counts), padded) < 1e-5
+    padded = torch.cat([padded_experts(moe.experts, buf)[e, :counts[e]] for e in range(8)])
+    assert rel(grouped_experts(moe.experts, xs, counts, xs.dtype), padded) < 1e-5
 
 
 def test_sequence_balance_loss_matches_formula():
@@ -370,7 +371,7 @@ def _write_fp8_checkpoint(model, path):
     """Quantize every projection of `model` as DeepSeek publishes it: e4m3 + 128x128 scales."""
     from safetensors.torch import save_file
     state = {}
-    for k, t in model.hf_state_dict().items():
+    for k, t in hf_state_dict(model).items():
         quantize = t.dim() == 2 and not any(n in k for n in ("embed", "head", "norm", "mlp.gate."))
         if quantize:
             q, s = fp8_quantize(t, (128, 128))
@@ -619,9 +620,9 @@ def test_fp8_products_relative_error_against_float64():
 
 
 def test_fp8_linear_gradients_close_to_bf16(monkeypatch):
-    from model import Linear
+    from model import FP8Linear, Linear
     torch.manual_seed(0)
-    ref, fp8 = Linear(256, 192), Linear(256, 192, fp8=True)
+    ref, fp8 = Linear(256, 192), FP8Linear(256, 192)
     torch.nn.init.normal_(ref.weight, std=0.05)
     fp8.weight.data.copy_(ref.weight.data)
     x = torch.randn(4, 64, 256)
@@ -639,8 +640,11 @@ def test_fp8_linear_gradients_close_to_bf16(monkeypatch):
 def test_fp8_real_path_selected_only_on_hopper(monkeypatch):
     from model import fp8_real_available
     assert not fp8_real_available("cpu")
-    for cap, want in (((9, 0), True), ((8, 9), False), ((10, 0), True)):
+    # torch 2.13's block-wise scaled_mm: SM90 only (Blackwell raises NotImplementedError), CUDA >= 12.9
+    for cap, cuda, want in (((9, 0), "12.9", True), ((8, 9), "12.9", False), ((10, 0), "12.9", False),
+                            ((9, 0), "12.8", False), ((9, 0), "13.0", True), ((9, 0), None, False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        monkeypatch.setattr(torch.version, "cuda", cuda)
         assert fp8_real_available("cuda") == (want and hasattr(F, "scaled_mm"))
 
 
