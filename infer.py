@@ -31,7 +31,7 @@ import time
 import torch
 from safetensors import SafetensorError
 
-from model import PRESETS, CheckpointError, ModelArgs, Transformer, meta_model
+from model import PRESETS, CheckpointError, ModelArgs, Transformer, meta_model, setup_cache
 from train import EOT, decode, die, encode, fim_prompt, human_bytes, init_distributed, pick_device
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
@@ -244,7 +244,7 @@ def peak_memory(device):
 def bench(model, ids, a):
     """Plain and speculative greedy decoding of the same prompt after one short warm-up each (which
     compiles, with --compile: the cache has its final size first, so the timed runs reuse the graphs)."""
-    model.setup_cache(1, len(ids) + a.max_new_tokens + 1)
+    setup_cache(model, 1, len(ids) + a.max_new_tokens + 1)
     t0 = time.perf_counter()
     for spec in (False, True):
         timed_generate(model, ids, a, min(a.max_new_tokens, 16), 0.0, spec)

@@ -88,26 +88,18 @@ class ModelArgs:
             v = getattr(self, f.name)
             if type(v) is int and (v < 0 or v == 0 and f.name in positive):
                 raise ValueError(f"ModelArgs.{f.name} must be {'positive' if f.name in positive else '>= 0'}, got {v}")
+        E, G, M = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even (RoPE rotates pairs of dims)")
-        if self.n_routed_experts:
-            if self.n_routed_experts % self.n_expert_groups:
-                raise ValueError("n_routed_experts must be divisible by n_expert_groups")
-            per_group = self.n_routed_experts // self.n_expert_groups
-            if not (0 < self.n_activated_experts <= self.n_limited_groups * per_group
-                    and self.n_limited_groups <= self.n_expert_groups):
-                raise ValueError("need 0 < n_activated_experts <= n_limited_groups * experts per "
-                                 "group, and n_limited_groups <= n_expert_groups")
+        if E and (E % G or not (0 < self.n_activated_experts <= M * (E // G) and M <= G)):
+            raise ValueError("need n_routed_experts divisible by n_expert_groups, n_limited_groups <= "
+                             "n_expert_groups and 0 < n_activated_experts <= n_limited_groups * experts per group")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
 
     @property
     def qk_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def n_moe_layers(self):
-        return (self.n_layers - self.n_dense_layers + self.n_mtp) if self.n_routed_experts else 0
 
     def to_dict(self):
         return asdict(self)
@@ -119,8 +111,7 @@ class ModelArgs:
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_hf_config(cls, config):
-        """A published config.json (dict) -> ModelArgs; the name table is in "Checkpoint I/O"."""
+    def from_hf_config(cls, config):  # a published config.json; see "Checkpoint I/O"
         return args_from_hf_config(config)
 
     def to_hf_config(self):
@@ -526,10 +517,6 @@ class Transformer(nn.Module):
         losses["loss"] = losses["ce"] + mtp_weight * losses["mtp"] + losses["balance"]
         return logits, losses
 
-    def expert_loads(self):
-        """(n_moe_layers, E): tokens routed to each expert since the last update_bias."""
-        return torch.stack([m.load for m in self.moe_layers()])
-
     @torch.no_grad()
     def update_bias(self, gamma):
         """Apply the sign rule to every MoE layer's gate with the loads counted over the whole
@@ -546,9 +533,6 @@ class Transformer(nn.Module):
     def generate(self, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculative=False, **kw):
         """Append max_new_tokens to tokens (B, T0); see generate() in "Generation"."""
         return generate(self, tokens, max_new_tokens, temperature, top_p, speculative, **kw)
-
-    def setup_cache(self, batch_size, max_len):
-        setup_cache(self, batch_size, max_len)
 
     def save_pretrained(self, path, **kw):
         save_pretrained(self, path, **kw)

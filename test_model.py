@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import infer
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, decode_step,
                    draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict, kv_bytes_per_token,
-                   padded_experts, precompute_freqs_cis, probs)
+                   padded_experts, precompute_freqs_cis, probs, setup_cache)
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, atomic_write, decode, encode, epoch_stream,
                    evaluate, fim_prompt, fim_split, load_documents, main, schedule, val_batches)
 
@@ -86,7 +86,7 @@ def test_cached_decoding_reproduces_full_forward(q_lora_rank):
     model = random_model(q_lora_rank=q_lora_rank, rope_factor=4.0, original_seq_len=16)
     tokens = torch.randint(0, 64, (2, 20))
     full = model(tokens)
-    model.setup_cache(2, 32)
+    setup_cache(model, 2, 32)
     with torch.no_grad():
         pos = torch.arange(5).expand(2, 5)
         steps = [model.head(model.trunk(tokens[:, :5], pos, 5))]
@@ -104,7 +104,7 @@ def test_static_shape_step_over_whole_cache_equals_cut_cache(T):
     model = random_model(rope_factor=4.0, original_seq_len=16)
     tokens = torch.randint(0, 64, (2, 21))
     full = model(tokens)
-    model.setup_cache(2, 21)
+    setup_cache(model, 2, 21)
     S = model.layers[0].attn.kv_cache.size(1)
     assert S == 64  # rounded up to 256, capped at max_seq_len
     with torch.no_grad():
@@ -341,6 +341,38 @@ def test_losses_are_reported_separately_and_combine():
     assert L["loss"].item() == pytest.approx((L["ce"] + 0.3 * L["mtp"] + L["balance"]).item(), rel=1e-6)
     assert L["balance"].item() > 0 and L["mtp"].item() > 0
 
+
+
+def test_balance_loss_counts_only_the_layers_that_ran():
+    """A call whose MTP module is skipped (T <= k) after one that ran it: the balance loss sums the
+    main model's MoE layers alone, recomputed by hand from their gates, and backward works."""
+    model = random_model(balance_alpha=0.01).train()
+    tokens = torch.randint(0, 64, (2, 9))
+    model(tokens[:, :-1], tokens[:, 1:])                       # T = 8: the MTP module's MoE runs
+    x = tokens[:, :1]                                          # T = 1 <= k = 1: MTP is skipped
+    _, L = model(x, x)
+    h, expected = model.embed(x), 0.0
+    for layer in model.layers:                                 # eq. 17-20 for each main-model MoE
+        h_in = h + layer.attn(layer.attn_norm(h), model.freqs_cis[:1])
+        if isinstance(layer.ffn, MoE):
+            _, idx, s = layer.ffn.gate(layer.ffn_norm(h_in).flatten(0, 1))
+            f = torch.zeros(2, 8).scatter_add_(1, idx.view(2, -1), torch.ones(2, 2)) * 8 / 2
+            P = s / s.sum(-1, keepdim=True)
+            expected += 0.01 * (f * P).sum(-1).mean()
+        h = layer(h, model.freqs_cis[:1])
+    assert L["balance"].item() == pytest.approx(expected.item(), rel=1e-5)
+    L["loss"].backward()                                       # no stale graph from the first call
+
+
+def test_checkpoint_with_nan_or_inf_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    random_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    for bad in (float("nan"), float("inf")):
+        state["model.layers.1.mlp.experts.3.up_proj.weight"][2, 5] = bad
+        save_file(state, tmp_path / "model.safetensors")
+        with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.experts.3.up_proj.weight .*NaN or inf"):
+            Transformer.from_pretrained(tmp_path)
 
 # ---------------------------------------------------------------------------- checkpoints
 
@@ -647,6 +679,21 @@ def test_fp8_real_path_selected_only_on_hopper(monkeypatch):
         monkeypatch.setattr(torch.version, "cuda", cuda)
         assert fp8_real_available("cuda") == (want and hasattr(F, "scaled_mm"))
 
+
+@pytest.mark.parametrize("M", [1, 7, 100, 256])
+def test_fp8_scaled_mm_layouts_pass_torch_checks(M):
+    """torch's meta function of scaled_mm makes the layout checks of the Hopper path (M = 1 needs
+    the 1x128 scales with stride 1 along M); passing on meta tensors is what a CPU can check."""
+    from model import ACT, WEIGHT, fp8_scaled_mm
+    if not hasattr(F, "scaled_mm"):
+        pytest.skip("this torch has no scaled_mm")
+    with torch.device("meta"):
+        qa, sa = torch.empty(M, 256, dtype=FP8_DTYPE), torch.empty(M, 2)
+        qw, sw = torch.empty(384, 256, dtype=FP8_DTYPE), torch.empty(3, 2)
+        qg, sg = torch.empty(384, M, dtype=FP8_DTYPE), torch.empty(384, -(-M // 128))
+    assert fp8_scaled_mm(qa, sa, ACT, qw, sw, WEIGHT).shape == (M, 384)       # Fprop, Dgrad
+    if M % 128 == 0:                                                            # Wgrad: K = tokens
+        assert fp8_scaled_mm(qg, sg, ACT, qg, sg, ACT).shape == (384, 384)
 
 def test_fp8_training_model_tracks_full_precision():
     model = random_model(init_std=0.02)
