@@ -1316,3 +1316,33 @@ def test_dry_run_memory_per_rank_of_deepseek_v3_in_fp8(capsys):
     assert f"{(61 + 1) * 576 * 2:,} bytes per token" in out  # latent 512 + RoPE key 64, bf16, MTP layer too
     code, out, err = run_main(capsys, "--ckpt", "deepseek-v3", "--dry-run", "7")
     assert code != 0 and "does not split over 7 ranks" in err
+
+
+# ============================================================================ README quick start
+
+def test_readme_quick_start_trains_then_infers_as_a_user_runs_it(tmp_path):
+    """`python train.py` then `python infer.py` as subprocesses, as the README's quick start runs
+    them (fewer steps, a small folder of data): both exit 0, out/ holds the checkpoint, and neither
+    prints a traceback or a warning (a requirement missing from requirements.txt showed as both)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        (data / f"m{i}.py").write_text(f"def g{i}(a, b):\n    return a * {i} - b  # {i * i}\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # a user's default warning filters
+
+    def run(script, *flags):
+        return subprocess.run([sys.executable, script, *map(str, flags)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    train = run("train.py", "--data", data, "--out", out, "--max-steps", 3, "--save-interval", 2, "--batch-size", 2,
+                "--seq-len", 64, "--eval-batches", 1, "--sample-bytes", 0)
+    assert train.returncode == 0, train.stderr[-2000:]
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "train_state.safetensors"):
+        assert (out / name).is_file(), name
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    infer_run = run("infer.py", "--ckpt", out, "--max-new-tokens", 8)
+    assert infer_run.returncode == 0, infer_run.stderr[-2000:]
+    assert infer_run.stdout.startswith(infer.DEFAULT_PROMPT) and SUMMARY.search(infer_run.stderr)
+    for r in (train, infer_run):
+        assert "Traceback" not in r.stderr and "warning" not in r.stderr.lower(), r.stderr[-2000:]
