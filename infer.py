@@ -19,10 +19,8 @@ Checkpoints are folders in the published Hugging Face layout (config.json + *.sa
 folder's tokenizer.json when there is one (needs `pip install tokenizers`); --prompt-ids takes
 token ids and works with any checkpoint. The text goes to stdout, the speed line to stderr.
 """
-import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -32,8 +30,9 @@ from dataclasses import replace
 import torch
 from safetensors import SafetensorError
 
-from model import FP8_DTYPE, PRESETS, CheckpointError, ModelArgs, Transformer
-from train import EOT, decode, die, encode, fim_prompt, human_bytes, init_distributed, pick_device
+from model import FP8_DTYPE, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token
+from train import (EOT, Parser, count, decode, die, encode, fim_prompt, human_bytes, init_distributed, nonneg, number,
+                   pick_device, positive_int)
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -41,42 +40,21 @@ BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fi
 
 
 # -------------------------------------------------------------------------- command line
-def number(kind, ok, what):
-    """argparse type: kind(s), rejected with a one-line message unless ok(value)."""
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
-        return v
-    return parse
-
-
-positive_int = number(int, lambda v: v > 0, "a positive integer")
-count = number(int, lambda v: v >= 0, "an integer >= 0")
-nonnegative = number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-probability = number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; one line says enough
-        die(f"{message} (see python infer.py --help)")
+probability = number(float, 0, 1, strict=True)
 
 
 def get_parser():
-    p = Parser(description="Generate with a DeepSeek-V3 checkpoint; see the docstring of infer.py for examples.")
+    p = Parser(prog="infer.py", description="Generate with a DeepSeek-V3 checkpoint; see the docstring of infer.py for examples.")
     add = p.add_argument
     add("--ckpt", default="out", help="checkpoint folder in the published layout (default: out, what train.py writes)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help=f"text to complete (default: {DEFAULT_PROMPT!r})")
     prompt.add_argument("--prompt-file", help="read the text to complete from this UTF-8 file")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 100,2,35; needs no tokenizer")
-    add("--fim-prefix", help="fill in the middle (§3.1, PSM): the text before the hole")
+    add("--fim-prefix", help="fill in the middle (§4.1, PSM): the text before the hole")
     add("--fim-suffix", help="fill in the middle: the text after the hole")
     add("--max-new-tokens", type=positive_int, default=256, help="tokens to generate (default: 256)")
-    add("--temperature", type=nonnegative, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    add("--temperature", type=nonneg, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
     add("--top-p", type=probability, default=0.95,
         help="nucleus sampling: keep the smallest set of tokens reaching this probability (default: 0.95)")
     add("--top-k", type=count, default=0, help="sample among the k most likely tokens, 0 = all (default: 0)")
@@ -293,13 +271,14 @@ def dry_run(a):
     for name, p in model.named_parameters():
         b = p.numel() * (p.element_size() if p.dtype == FP8_DTYPE or name.endswith("scale") else compute)
         parts[list(parts)[0 if ".experts." in name else 1 if split.search(name) else 2]] += b
-    kv = (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * compute
+    kv = kv_bytes_per_token(args, compute)
     weights = sum(parts.values())
     print(f"{a.ckpt} on {a.dry_run} rank(s), {a.dtype} weights"
           f"{' (128x128 float32 block scales, bfloat16 for embedding, head, norms, router)' if a.dtype == 'fp8' else ''}")
     print(f"weights per rank  {human_bytes(weights)} = "
           + " + ".join(f"{human_bytes(b)} {k}" for k, b in parts.items()))
-    print(f"KV cache per rank {kv:,} bytes per token (latent + RoPE key of {args.n_layers + args.n_mtp} layers; "
+    print(f"KV cache per rank {kv:,} bytes per token (latent + RoPE key of {args.n_layers} layers and {args.n_mtp} MTP "
+          f"layer{'s' * (args.n_mtp != 1)}; "
           f"every rank holds all of it): {human_bytes(kv * args.max_seq_len)} for one {args.max_seq_len:,}-token context")
     print(f"total per rank    {human_bytes(weights + kv * args.max_seq_len)} at batch 1 and full context, activations "
           "and the CUDA context not counted")

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import infer
-from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, draw,
-                   fp8_dequantize, fp8_quantize, hf_name, kv_bytes_per_token, precompute_freqs_cis, probs)
-from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, atomic_write, decode, encode, epoch_stream,
-                   evaluate, fim_prompt, fim_split, load_documents, main, schedule, val_batches)
+from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, atomic_write,
+                   draw, fp8_dequantize, fp8_quantize, hf_name, kv_bytes_per_token, precompute_freqs_cis, probs)
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, decode, encode, epoch_stream, evaluate,
+                   fim_prompt, fim_split, load_documents, main, schedule, val_batches)
 
 
 @pytest.fixture(scope="module", autouse=True)
