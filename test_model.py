@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import infer
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, atomic_write,
                    draw, fp8_dequantize, fp8_quantize, hf_name, kv_bytes_per_token, precompute_freqs_cis, probs)
-from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, decode, encode, epoch_stream, evaluate,
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, all_mean, decode, encode, epoch_stream, evaluate,
                    fim_prompt, fim_split, load_documents, main, schedule, val_batches)
 
 
@@ -822,6 +822,31 @@ def test_atomic_write_keeps_previous_file_when_killed(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(path, killed)
     assert Path(path).read_text() == "old"
+
+
+def test_all_mean_reduces_on_the_training_device(monkeypatch):
+    """NCCL reduces CUDA tensors only, so under torchrun on GPUs the logged losses must be averaged
+    where the model lives. A fake all_reduce refuses a tensor on another device, as NCCL does;
+    "meta" stands in for cuda (a device that is not the CPU) and holds no values, so there the
+    fake stops once the device is right."""
+    class Reduced(Exception):
+        pass
+
+    def reduce_on(device, other_rank=None):
+        def all_reduce(t):
+            if t.device != device:
+                raise RuntimeError(f"No backend type associated with device type {t.device.type}")
+            if other_rank is None:
+                raise Reduced
+            t += torch.tensor(other_rank, dtype=t.dtype)
+        monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+
+    reduce_on(torch.device("meta"))
+    with pytest.raises(Reduced):
+        all_mean([1.0, 2.0], 2, torch.device("meta"))
+    reduce_on(torch.device("cpu"), other_rank=[3.0, 6.0])
+    assert all_mean([1.0, 2.0], 2, torch.device("cpu")) == [2.0, 4.0]
+    assert all_mean([1.0, 2.0], 1, torch.device("meta")) == [1.0, 2.0]  # one process: no reduction
 
 
 # ------------------------------------------------------------------------------------- command line

@@ -114,11 +114,12 @@ def init_distributed(device):
     return dist.get_rank(), world, device
 
 
-def all_mean(values, world):
-    """Average a list of floats over the ranks (the identity in one process)."""
+def all_mean(values, world, device):
+    """Average a list of floats over the ranks (the identity in one process). The reduction runs on
+    the training device: NCCL reduces CUDA tensors only."""
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return (t / world).tolist()
 
@@ -516,7 +517,7 @@ def main(argv=None):
                 (losses["loss"] / a.grad_accum).backward()
                 for k in logs:
                     logs[k] += float(losses[k].detach()) / a.grad_accum
-            logs = dict(zip(logs, all_mean(list(logs.values()), world)))
+            logs = dict(zip(logs, all_mean(list(logs.values()), world, device)))
             # 3. clip; a non-finite loss or gradient stops the run before the weights see it
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
             if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
