@@ -158,9 +158,11 @@ def decode(ids):
     return "".join(out) + run.decode("utf-8", errors="replace")
 
 
-def fim_prompt(prefix, suffix):
-    """PSM prompt (§4.1): the model continues with the middle, then <|endoftext|>."""
-    return [FIM_BEGIN, *encode(prefix), FIM_HOLE, *encode(suffix), FIM_END]
+def fim_prompt(prefix, suffix, encode=encode, fim=(FIM_BEGIN, FIM_HOLE, FIM_END)):
+    """PSM prompt (§4.1): the model continues with the middle, then its end token. The byte
+    tokenizer's unless given another tokenizer's encode and (begin, hole, end) ids."""
+    begin, hole, end = fim
+    return [begin, *encode(prefix), hole, *encode(suffix), end]
 
 
 # ------------------------------------------------------------------------------ data
