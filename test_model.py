@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import infer
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, atomic_write,
@@ -959,6 +960,28 @@ def test_resume_is_bit_exact(runs):
     assert [strip(x) for x in a] == [strip(x) for x in b]
 
 
+def test_resume_refuses_nan_or_inf_weights_and_moments(runs, tmp_path, capsys):
+    tmp, _ = runs
+    src = tmp / "straight" / "train_state.safetensors"
+    with safe_open(src, "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    weight = next(k for k in state if k.startswith("model.") and state[k].ndim == 2)
+    moment = next(k for k in state if k.startswith("optim.") and k.endswith(".exp_avg_sq"))
+    param = json.loads(meta["train_state"])["param_names"][int(moment.split(".")[1])]
+    for key, value in ((weight, math.nan), (moment, math.inf)):
+        out = tmp_path / key
+        out.mkdir()
+        bad = dict(state)
+        bad[key] = state[key].clone()
+        bad[key].view(-1)[3] = value
+        save_file(bad, out / "train_state.safetensors", metadata=meta)
+        with pytest.raises(SystemExit) as exit:
+            main(["--resume", "--out", str(out), "--max-steps", "8"])
+        err = capsys.readouterr().err
+        assert exit.value.code != 0 and err.count("\n") == 1 and err.startswith("error: ") and "NaN or inf" in err
+        assert key in err and (key == weight or param in err)
+        assert not (out / "metrics.jsonl").exists()  # stopped before training
+
 def test_bias_updates_lower_maxvio_and_mtp_loss_falls(data_dir, tmp_path, capsys):
     """Same seed, same data: the aux-loss-free bias update (§2.1.2) balances the experts."""
     common = [*FAST, "--seq-len", "64", "--batch-size", "4", "--data", str(data_dir), "--max-steps", "40",
@@ -1165,7 +1188,6 @@ def deepseek_like(path, add_bos=True, end_named_in="tokenizer_config.json"):
     weights["model.embed_tokens.weight"][:, 0] = 1000.0
     weights["lm_head.weight"].zero_()
     weights["lm_head.weight"][eos, 0] = 100.0
-    from safetensors.torch import save_file
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     tokenizer_config = {"add_bos_token": add_bos, "bos_token": BOS}
     if end_named_in == "tokenizer_config.json":
@@ -1233,7 +1255,6 @@ def broken(tmp_path_factory, ckpt):
     (root / "torn_weights" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     (root / "with_tokenizer" / "model.safetensors").write_bytes(weights)
     (root / "with_tokenizer" / "tokenizer.json").write_text(json.dumps({"model": {}}))
-    from safetensors.torch import load_file, save_file
     tensors = load_file(src / "model.safetensors")
     del tensors["model.norm.weight"]
     save_file(tensors, root / "missing_tensor" / "model.safetensors")

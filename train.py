@@ -343,6 +343,12 @@ def load_checkpoint(out, model, optimizer, param_names):
     own, saved = model_tensors(model), {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     if state["param_names"] != param_names or any(k not in saved or saved[k].shape != v.shape for k, v in own.items()):
         die(f"the checkpoint in {out}/ holds another model than these flags build; resume without model flags")
+    for k, v in tensors.items():  # a run that diverged, or a damaged file: training on would spread it
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            i = int(k.split(".")[1]) if k.startswith("optim.") else None
+            what = "" if i is None else f" (AdamW state of {param_names[i]})"
+            die(f"--resume: {k}{what} in {out}/train_state.safetensors holds NaN or inf (a diverged run or a "
+                "damaged file); start afresh without --resume, or resume a copy of an earlier checkpoint")
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(saved[k])
