@@ -504,7 +504,8 @@ def main(argv=None):
     say(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} ({a.dtype}); "
         f"{len(train_docs)} train / {len(val_docs)} val files, {data['bytes'] / 1e6:.2f}M / "
         f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {tokens_per_step:,} tokens/step; steps {step} -> {stop}"
-        + (f"; {world} data-parallel ranks" if world > 1 else ""))
+        + (f"; {world} data-parallel ranks" if world > 1 else "")
+        + f"; first checkpoint at step {min(stop, (step // a.save_interval + 1) * a.save_interval)}")
     if step >= stop:
         return say(f"the run in {a.out}/ is at step {step} already; raise --max-steps to train on")
     on_disk = lambda: f"{a.out}/ keeps the checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint written"
