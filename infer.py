@@ -16,23 +16,26 @@ written, then one line of speed; or a benchmark of MTP speculative decoding agai
 
 Checkpoints are folders in the published Hugging Face layout (config.json + *.safetensors), as
 `python train.py` writes to out/. Text goes through our byte tokenizer (train.py), or through the
-folder's tokenizer.json when there is one (needs `pip install tokenizers`); --prompt-ids takes
-token ids and works with any checkpoint. The text goes to stdout, the speed line to stderr.
+folder's tokenizer.json when there is one (needs `pip install tokenizers`), with the begin, end
+and FIM tokens that its tokenizer_config.json, generation_config.json or config.json name;
+generation ends at the end token (ours: <|endoftext|>). --prompt-ids takes token ids and works
+with any checkpoint. The text goes to stdout, the speed line to stderr.
 """
-import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 
-from model import PRESETS, CheckpointError, ModelArgs, Transformer, meta_model, setup_cache
-from train import EOT, decode, die, encode, fim_prompt, human_bytes, init_distributed, pick_device
+from model import PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model, setup_cache
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIALS, Parser, count, decode, die, encode, fim_prompt,
+                   human_bytes, init_distributed, nonneg, number, pick_device, positive_int)
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -40,42 +43,22 @@ BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fi
 
 
 # -------------------------------------------------------------------------- command line
-def number(kind, ok, what):
-    """argparse type: kind(s), rejected with a one-line message unless ok(value)."""
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
-        return v
-    return parse
-
-
-positive_int = number(int, lambda v: v > 0, "a positive integer")
-count = number(int, lambda v: v >= 0, "an integer >= 0")
-nonnegative = number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-probability = number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; one line says enough
-        die(f"{message} (see python infer.py --help)")
+probability = number(float, 0, 1, strict=True)
 
 
 def get_parser():
-    p = Parser(description="Generate with a DeepSeek-V3 checkpoint; see the docstring of infer.py for examples.")
+    p = Parser(prog="infer.py", description="Generate with a DeepSeek-V3 checkpoint; see the docstring of infer.py for examples.")
     add = p.add_argument
     add("--ckpt", default="out", help="checkpoint folder in the published layout (default: out, what train.py writes)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help=f"text to complete (default: {DEFAULT_PROMPT!r})")
     prompt.add_argument("--prompt-file", help="read the text to complete from this UTF-8 file")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 100,2,35; needs no tokenizer")
-    add("--fim-prefix", help="fill in the middle (§3.1, PSM): the text before the hole")
+    add("--fim-prefix", help="fill in the middle (§4.1, PSM): the text before the hole")
     add("--fim-suffix", help="fill in the middle: the text after the hole")
-    add("--max-new-tokens", type=positive_int, default=256, help="tokens to generate (default: 256)")
-    add("--temperature", type=nonnegative, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
+    add("--max-new-tokens", type=positive_int, default=256,
+        help="most tokens to generate; the checkpoint's end-of-text token ends it sooner (default: 256)")
+    add("--temperature", type=nonneg, default=0.8, help="sampling temperature, 0 = greedy (default: 0.8)")
     add("--top-p", type=probability, default=0.95,
         help="nucleus sampling: keep the smallest set of tokens reaching this probability (default: 0.95)")
     add("--top-k", type=count, default=0, help="sample among the k most likely tokens, 0 = all (default: 0)")
@@ -120,28 +103,90 @@ def load_model(a, rank=0, world=1):
             "re-save it or point --ckpt at another folder")
 
 
+# The PSM tokens (§4.1) by name: DeepSeek-V3's tokenizer.json (full-width bars, U+2581 for the
+# space), then our byte tokenizer's names, which a tokenizer.json trained for this repo would use.
+FIM_NAMES = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+             tuple(SPECIALS[i] for i in (FIM_BEGIN, FIM_HOLE, FIM_END))]
+
+
+@dataclass
+class Vocab:
+    """A checkpoint's tokenizer and the ids that frame generated text. encode is None where only
+    --prompt-ids can be used (`why` says so); end may still name where generation stops."""
+    encode: Callable | None = None  # text -> ids, with what the tokenizer itself adds to a text
+    decode: Callable | None = None  # ids -> text, special tokens by name
+    plain: Callable | None = None   # text -> ids, nothing added: the pieces of a FIM prompt
+    bos: int | None = None          # put before every prompt (tokenizer_config.json: add_bos_token)
+    end: tuple = ()                 # generation stops at the first of these
+    fim: tuple | None = None        # (begin, hole, end) of a PSM prompt
+    why: str | None = None
+
+
+BYTES = Vocab(encode, decode, encode, end=(EOT,), fim=(FIM_BEGIN, FIM_HOLE, FIM_END))  # train.py's
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        die(f"cannot read {path}: {' '.join(str(e).split())}; fix or remove it")
+    return config if isinstance(config, dict) else {}
+
+
+def special_ids(ckpt, token_id, vocab_size):
+    """-> (begin id to put before prompts or None, end ids). Each from the first file that names
+    it: generation_config.json, then config.json (ids; eos may be a list), as Hugging Face's
+    generate() reads them, then tokenizer_config.json (a token as a string or {"content": ...},
+    looked up with token_id, None without a tokenizer). The begin id only where
+    tokenizer_config.json sets add_bos_token. Ids outside the vocabulary are dropped."""
+    generation, config, tokenizer = (read_json(os.path.join(ckpt, name)) for name in
+                                     ("generation_config.json", "config.json", "tokenizer_config.json"))
+
+    def ids(kind):
+        key = f"{kind}_token_id"
+        named = next((c[key] for c in (generation, config) if c.get(key) is not None), None)
+        if named is None and token_id is not None:
+            token = tokenizer.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            named = token_id(token) if isinstance(token, str) else None
+        return [i for i in (named if isinstance(named, list) else [named]) if type(i) is int and 0 <= i < vocab_size]
+
+    bos = ids("bos")
+    return (bos[0] if bos and tokenizer.get("add_bos_token") is True else None), tuple(ids("eos"))
+
+
 def load_tokenizer(ckpt, vocab_size):
-    """-> (encode, decode, None), or (None, None, why) when only --prompt-ids can be used."""
+    """-> Vocab: the folder's tokenizer.json with the special ids its configs name, or our byte
+    tokenizer for a checkpoint of its vocabulary without one."""
     path = os.path.join(ckpt, "tokenizer.json")
-    if os.path.exists(path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            return None, None, f"{path} needs the tokenizers package: pip install tokenizers (or pass --prompt-ids)"
-        try:
-            tok = Tokenizer.from_file(path)
-        except Exception as e:  # the package raises plain Exceptions for malformed files
-            die(f"cannot read {path}: {' '.join(str(e).split())}; replace it or pass --prompt-ids")
-        return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(ids, skip_special_tokens=False)), None
-    if vocab_size != BYTE_VOCAB:
-        return None, None, (f"{ckpt} has no tokenizer.json and a vocabulary of {vocab_size}, not the byte "
-                            f"tokenizer's {BYTE_VOCAB}; add the checkpoint's tokenizer.json or pass --prompt-ids")
-    return encode, decode, None
+    if not os.path.exists(path):
+        if vocab_size == BYTE_VOCAB:
+            return BYTES
+        return Vocab(end=special_ids(ckpt, None, vocab_size)[1], why=(
+            f"{ckpt} has no tokenizer.json and a vocabulary of {vocab_size}, not the byte tokenizer's "
+            f"{BYTE_VOCAB}; add the checkpoint's tokenizer.json or pass --prompt-ids"))
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return Vocab(end=special_ids(ckpt, None, vocab_size)[1],
+                     why=f"{path} needs the tokenizers package: pip install tokenizers (or pass --prompt-ids)")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the package raises plain Exceptions for malformed files
+        die(f"cannot read {path}: {' '.join(str(e).split())}; replace it or pass --prompt-ids")
+    bos, end = special_ids(ckpt, tok.token_to_id, vocab_size)
+    fims = [tuple(map(tok.token_to_id, names)) for names in FIM_NAMES]
+    return Vocab(lambda text: tok.encode(text).ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
+                 lambda text: tok.encode(text, add_special_tokens=False).ids, bos, end,
+                 next((f for f in fims if all(i is not None and i < vocab_size for i in f)), None))
 
 
-def prompt_ids(a, enc, dec, why, vocab_size):
-    """-> (ids, text to echo): given ids, a FIM prompt in training's PSM format (echo the text
-    before the hole), or text."""
+def prompt_ids(a, vocab, vocab_size):
+    """-> (ids, text to echo): given ids, a FIM prompt in PSM order (echo the text before the
+    hole), or text; the begin token first where the tokenizer's config asks for it."""
     if a.prompt_ids is not None:
         try:
             ids = [int(s) for s in a.prompt_ids.split(",") if s.strip()]
@@ -152,13 +197,15 @@ def prompt_ids(a, enc, dec, why, vocab_size):
             die(f"--prompt-ids: {bad[0]} is not a token id of this checkpoint (0 to {vocab_size - 1})")
         if not ids:
             die("--prompt-ids is empty; give at least one token id")
-        return ids, dec(ids) if dec else ""
-    if enc is None:
-        die(why)
+        return ids, vocab.decode(ids) if vocab.decode else ""
+    if vocab.encode is None:
+        die(vocab.why)
+    start = [] if vocab.bos is None else [vocab.bos]
     if a.fim:
-        if enc is not encode:
-            die("--fim-prefix/--fim-suffix use the byte tokenizer's FIM tokens; this checkpoint has its own tokenizer")
-        return fim_prompt(a.fim_prefix or "", a.fim_suffix or ""), a.fim_prefix or ""
+        if vocab.fim is None:
+            die(f"--fim-prefix/--fim-suffix: the tokenizer of {a.ckpt} has no FIM tokens "
+                f"({', '.join(FIM_NAMES[0])}); complete a --prompt instead")
+        return start + fim_prompt(a.fim_prefix or "", a.fim_suffix or "", vocab.plain, vocab.fim), a.fim_prefix or ""
     text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     if a.prompt_file is not None:
         try:
@@ -168,7 +215,8 @@ def prompt_ids(a, enc, dec, why, vocab_size):
             die(f"--prompt-file {a.prompt_file}: {getattr(e, 'strerror', None) or e}; give a readable UTF-8 text file")
     if not text:
         die("the prompt is empty; give some text with --prompt or --prompt-file")
-    return enc(text), text
+    ids = vocab.encode(text)
+    return ids if ids[:len(start)] == start else start + ids, text
 
 
 # -------------------------------------------------------------------------- streaming, timing
@@ -176,10 +224,10 @@ class Printer:
     """Streams generated text. Each call decodes the ids since the last clean cut and prints what
     is new, holding back a trailing U+FFFD: the bytes of one character can arrive in different
     steps (the usual incremental detokenization; decoding from one token back keeps the
-    spaces that some tokenizers attach to a token's start). Output stops at `stop`."""
+    spaces that some tokenizers attach to a token's start)."""
 
-    def __init__(self, decode, stop=None):
-        self.decode, self.stop, self.start, self.read, self.last = decode, stop, 0, 0, "\n"
+    def __init__(self, decode):
+        self.decode, self.start, self.read, self.last = decode, 0, 0, "\n"
 
     def write(self, text):
         if text:
@@ -187,12 +235,15 @@ class Printer:
             self.last = text[-1]
 
     def __call__(self, ids, final=False):
-        if self.stop in ids:
-            ids, final = ids[:ids.index(self.stop)], True
         seen, text = self.decode(ids[self.start:self.read]), self.decode(ids[self.start:])
         if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
             self.write(text[len(seen):])
             self.start, self.read = self.read, len(ids)
+
+
+class EndOfText(Exception):
+    """Raised from generate's callback at an end token, with the new ids up to it: generate()
+    has no stop condition of its own."""
 
 
 def synchronize(device):
@@ -201,33 +252,46 @@ def synchronize(device):
 
 
 @torch.inference_mode()
-def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None):
-    """-> (new ids, prefill seconds, decode seconds, stats). The prefill ends at generate's first
-    callback (the prompt's forward and the first new token); the decode is the rest."""
-    marks, stats, T0 = [], {}, len(ids)
+def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None, end=()):
+    """-> (new ids, prefill seconds, decode seconds, stats). Generation stops after max_new_tokens
+    or at the first token in `end` (then the last new id; show() sees the ids before it). The
+    prefill ends at generate's first callback (the prompt's forward and the first new token);
+    the decode is the rest."""
+    marks, stats, T0, checked = [], {}, len(ids), 0
 
     def callback(out, lengths):
+        nonlocal checked
         if not marks:
             synchronize(a.device)
             marks.append(time.perf_counter())
+        if show is None and not end:
+            return
+        new = out[0, T0:int(lengths[0])].tolist()
+        stop = next((i for i in range(checked, len(new)) if new[i] in end), None)
+        checked = len(new)
         if show is not None:
-            show(out[0, T0:int(lengths[0])].tolist())
+            show(new[:stop])
+        if stop is not None:
+            raise EndOfText(new[:stop + 1])
 
     tokens = torch.tensor([ids], device=a.device)
     synchronize(a.device)
     t0 = time.perf_counter()
-    out = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative,
-                         top_k=a.top_k, callback=callback, stats=stats, compile=a.compile)
+    try:
+        new = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative, top_k=a.top_k,
+                             callback=callback, stats=stats, compile=a.compile)[0, T0:].tolist()
+    except EndOfText as e:
+        new = e.args[0]
     synchronize(a.device)
-    return out[0, T0:].tolist(), marks[0] - t0, time.perf_counter() - marks[0], stats
+    return new, marks[0] - t0, time.perf_counter() - marks[0], stats
 
 
 def rate(n, seconds):
     return f"{n / seconds:.1f} tokens/s" if n > 0 and seconds > 0 else "n/a"
 
 
-def acceptance(stats):
-    return f"{stats['accepted'] / max(stats['drafted'], 1):.1%}"
+def acceptance(stats):  # n/a where generation ended before a draft
+    return f"{stats['accepted'] / stats['drafted']:.1%}" if stats.get("drafted") else "n/a"
 
 
 def peak_memory(device):
@@ -290,13 +354,14 @@ def dry_run(a):
     for name, p in model.named_parameters():
         b = p.numel() * p.element_size()
         parts[list(parts)[0 if ".experts." in name else 1 if split.search(name) else 2]] += b
-    kv = (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * compute
+    kv = kv_bytes_per_token(args, compute)
     weights = sum(parts.values())
     print(f"{a.ckpt} on {a.dry_run} rank(s), {a.dtype} weights"
           f"{' (128x128 float32 block scales, bfloat16 for embedding, head, norms, router)' if a.dtype == 'fp8' else ''}")
     print(f"weights per rank  {human_bytes(weights)} = "
           + " + ".join(f"{human_bytes(b)} {k}" for k, b in parts.items()))
-    print(f"KV cache per rank {kv:,} bytes per token (latent + RoPE key of {args.n_layers + args.n_mtp} layers; "
+    print(f"KV cache per rank {kv:,} bytes per token (latent + RoPE key of {args.n_layers} layers and {args.n_mtp} MTP "
+          f"layer{'s' * (args.n_mtp != 1)}; "
           f"every rank holds all of it): {human_bytes(kv * args.max_seq_len)} for one {args.max_seq_len:,}-token context")
     print(f"total per rank    {human_bytes(weights + kv * args.max_seq_len)} at batch 1 and full context, activations "
           "and the CUDA context not counted")
@@ -319,8 +384,8 @@ def main(argv=None):
     if (a.speculative or a.bench) and not margs.n_mtp:
         die(f"{'--bench' if a.bench else '--speculative'} needs an MTP module and {a.ckpt} has none "
             "(num_nextn_predict_layers is 0 or its layer is missing); drop the flag")
-    enc, dec, why = load_tokenizer(a.ckpt, margs.vocab_size)
-    ids, echo = prompt_ids(a, enc, dec, why, margs.vocab_size)
+    vocab = load_tokenizer(a.ckpt, margs.vocab_size)
+    ids, echo = prompt_ids(a, vocab, margs.vocab_size)
     room = margs.max_seq_len - (a.speculative or a.bench) - len(ids)  # verification looks ahead one
     if room < 1:
         die(f"the prompt has {len(ids)} tokens and the context is {margs.max_seq_len}; shorten the prompt")
@@ -333,11 +398,11 @@ def main(argv=None):
             die("--bench times the tokens after the first; use --max-new-tokens 2 or more")
         return bench(model, ids, a)
 
-    printer = Printer(dec or (lambda ids: ",".join(map(str, ids))), stop=EOT if a.fim else None)
+    printer = Printer(vocab.decode or (lambda ids: ",".join(map(str, ids))))
     printer.write(echo)
     new, prefill_s, decode_s, stats = timed_generate(model, ids, a, a.max_new_tokens, a.temperature,
-                                                     a.speculative, show=printer)
-    printer(new, final=True)
+                                                     a.speculative, show=printer, end=vocab.end)
+    printer(new[:-1] if new[-1] in vocab.end else new, final=True)
     if a.fim:
         printer.write(a.fim_suffix or "")
     if printer.last != "\n":

@@ -244,7 +244,7 @@ class MLA(nn.Module):
         positions of x, whose latents are written to the cache; then kv_len None is a prefill
         (expanded, causal over x) and kv_len an int is decoding: the absorbed form over the
         cached keys [0, kv_len)."""
-        a, (B, T, _) = self.args, x.shape
+        a, B = self.args, x.size(0)
         q = self.wq_b(self.q_norm(self.wq_a(x))) if a.q_lora_rank else self.wq(x)
         q = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads)           # (B, T, H, qk_head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)

@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import infer
-from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, decode_step,
-                   draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict, kv_bytes_per_token,
-                   padded_experts, precompute_freqs_cis, probs, setup_cache)
-from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, atomic_write, decode, encode, epoch_stream,
-                   evaluate, fim_prompt, fim_split, load_documents, main, schedule, val_batches)
+from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, atomic_write,
+                   decode_step, draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict,
+                   kv_bytes_per_token, padded_experts, precompute_freqs_cis, probs, setup_cache)
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, all_mean, decode, encode, epoch_stream, evaluate,
+                   fim_prompt, fim_split, load_documents, main, schedule, val_batches)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -700,7 +701,6 @@ def test_hf_config_round_trip_and_rope_parameters_style():
 
 
 def test_checkpoint_with_nan_or_inf_weights_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
     random_model().save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     for bad in (float("nan"), float("inf")):
@@ -875,6 +875,31 @@ def test_atomic_write_keeps_previous_file_when_killed(tmp_path):
     assert Path(path).read_text() == "old"
 
 
+def test_all_mean_reduces_on_the_training_device(monkeypatch):
+    """NCCL reduces CUDA tensors only, so under torchrun on GPUs the logged losses must be averaged
+    where the model lives. A fake all_reduce refuses a tensor on another device, as NCCL does;
+    "meta" stands in for cuda (a device that is not the CPU) and holds no values, so there the
+    fake stops once the device is right."""
+    class Reduced(Exception):
+        pass
+
+    def reduce_on(device, other_rank=None):
+        def all_reduce(t):
+            if t.device != device:
+                raise RuntimeError(f"No backend type associated with device type {t.device.type}")
+            if other_rank is None:
+                raise Reduced
+            t += torch.tensor(other_rank, dtype=t.dtype)
+        monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+
+    reduce_on(torch.device("meta"))
+    with pytest.raises(Reduced):
+        all_mean([1.0, 2.0], 2, torch.device("meta"))
+    reduce_on(torch.device("cpu"), other_rank=[3.0, 6.0])
+    assert all_mean([1.0, 2.0], 2, torch.device("cpu")) == [2.0, 4.0]
+    assert all_mean([1.0, 2.0], 1, torch.device("meta")) == [1.0, 2.0]  # one process: no reduction
+
+
 # ------------------------------------------------------------------------------------- command line
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -985,6 +1010,28 @@ def test_resume_is_bit_exact(runs):
     assert [strip(x) for x in a] == [strip(x) for x in b]
 
 
+def test_resume_refuses_nan_or_inf_weights_and_moments(runs, tmp_path, capsys):
+    tmp, _ = runs
+    src = tmp / "straight" / "train_state.safetensors"
+    with safe_open(src, "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    weight = next(k for k in state if k.startswith("model.") and state[k].ndim == 2)
+    moment = next(k for k in state if k.startswith("optim.") and k.endswith(".exp_avg_sq"))
+    param = json.loads(meta["train_state"])["param_names"][int(moment.split(".")[1])]
+    for key, value in ((weight, math.nan), (moment, math.inf)):
+        out = tmp_path / key
+        out.mkdir()
+        bad = dict(state)
+        bad[key] = state[key].clone()
+        bad[key].view(-1)[3] = value
+        save_file(bad, out / "train_state.safetensors", metadata=meta)
+        with pytest.raises(SystemExit) as exit:
+            main(["--resume", "--out", str(out), "--max-steps", "8"])
+        err = capsys.readouterr().err
+        assert exit.value.code != 0 and err.count("\n") == 1 and err.startswith("error: ") and "NaN or inf" in err
+        assert key in err and (key == weight or param in err)
+        assert not (out / "metrics.jsonl").exists()  # stopped before training
+
 def test_bias_updates_lower_maxvio_and_mtp_loss_falls(data_dir, tmp_path, capsys):
     """Same seed, same data: the aux-loss-free bias update (§2.1.2) balances the experts."""
     common = [*FAST, "--seq-len", "64", "--batch-size", "4", "--data", str(data_dir), "--max-steps", "40",
@@ -1041,11 +1088,19 @@ def run_script(*argv, cwd=ROOT):
 
 # ------------------------------------------------------------------------------------- runs
 def test_no_arguments_completes_default_prompt_from_out(ckpt):
+    """The defaults: seed 0, temperature 0.8, top-p 0.95, at most 256 new tokens, ending at the
+    first <|endoftext|> (this random model samples one at new token 10): the tokens of
+    generate() with those settings, printed up to the end token."""
     r = run_script(cwd=Path(ckpt).parent)  # the folder holding out/
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(infer.DEFAULT_PROMPT)
+    prompt = torch.tensor([encode(infer.DEFAULT_PROMPT)])
+    torch.manual_seed(0)
+    new = Transformer.from_pretrained(ckpt).generate(prompt, 256, 0.8, 0.95)[0, prompt.shape[1]:].tolist()
+    assert EOT in new
+    text = infer.DEFAULT_PROMPT + decode(new[:new.index(EOT)])
+    assert r.stdout == text + ("" if text.endswith("\n") else "\n")
     m = SUMMARY.search(r.stderr)
-    assert m and int(m[1]) == len(encode(infer.DEFAULT_PROMPT)) and int(m[2]) == 256
+    assert m and int(m[1]) == len(encode(infer.DEFAULT_PROMPT)) and int(m[2]) == new.index(EOT) + 1
     assert "peak RSS" in r.stderr
 
 
@@ -1077,7 +1132,7 @@ def test_bench_reports_speeds_and_identical_outputs(capsys, ckpt):
 # ------------------------------------------------------------------------------------- prompts
 def test_fim_prompt_is_the_psm_format_of_training():
     a = infer.parse_args(["--fim-prefix", "def f(", "--fim-suffix", "):\n    pass\n"])
-    ids, echo = infer.prompt_ids(a, encode, infer.decode, None, 260)
+    ids, echo = infer.prompt_ids(a, infer.BYTES, 260)
     assert ids == [257, *b"def f(", 258, *b"):\n    pass\n", 259]  # <|fim_begin|> P <|fim_hole|> S <|fim_end|>
     assert echo == "def f("
 
@@ -1119,26 +1174,113 @@ def test_stream_prints_only_whole_utf8_characters(monkeypatch):
     assert "".join(shown) == text
 
 
+class ScriptedModel:
+    """generate() that hands its callback a scripted buffer, step by step (a step may add several
+    tokens, as speculative decoding does)."""
+
+    def __init__(self, steps):
+        self.steps, self.calls = steps, 0
+
+    def generate(self, tokens, max_new_tokens, *args, callback=None, **kw):
+        for new in self.steps:
+            self.calls += 1
+            out = torch.tensor([tokens[0].tolist() + new])
+            callback(out, torch.tensor([out.shape[1]]))
+        return out
+
+
 def test_stream_stops_at_endoftext(monkeypatch):
-    shown, printer = collect_prints(monkeypatch), infer.Printer(infer.decode, stop=256)
-    for ids in ([104], [104, 105], [104, 105, 256], [104, 105, 256, 106]):
-        printer(ids)
-    printer([104, 105, 256, 106, 107], final=True)
+    shown, a = collect_prints(monkeypatch), infer.parse_args(["--device", "cpu"])
+    model = ScriptedModel([[104], [104, 105, 256, 106], [104, 105, 256, 106, 107]])
+    new, *_ = infer.timed_generate(model, [120], a, 5, 0.0, False, show=infer.Printer(infer.decode), end=(EOT,))
+    assert new == [104, 105, 256] and model.calls == 2  # generation ended at <|endoftext|>
     assert "".join(shown) == "hi"
 
 
-def test_checkpoint_tokenizer_json_is_used(capsys, tmp_path):
+def byte_bpe(special_tokens=()):
+    """A small byte-level BPE tokenizer (the tokenizers package); special_tokens take the first ids."""
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     tok.train_from_iterator(["def fibonacci(n):\n    return n\n"] * 20, tokenizers.trainers.BpeTrainer(
-        vocab_size=280, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=280, special_tokens=list(special_tokens), initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def test_checkpoint_tokenizer_json_is_used(capsys, tmp_path):
+    tok = byte_bpe()
     path = save_tiny(tmp_path, vocab_size=tok.get_vocab_size())
     tok.save(os.path.join(path, "tokenizer.json"))
     code, out, err = run_main(capsys, "--ckpt", path, "--prompt", "def fib", "--max-new-tokens", 5)
     assert code == 0 and out.startswith("def fib")
     assert int(SUMMARY.search(err)[1]) == len(tok.encode("def fib").ids)
+
+
+# DeepSeek-V3's special tokens: full-width bars (U+FF5C) and U+2581 where a space would be
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
+
+
+def deepseek_like(path, add_bos=True, end_named_in="tokenizer_config.json"):
+    """A random checkpoint with a tokenizer laid out as DeepSeek-V3's: begin and end of sentence
+    at ids 0 and 1, as published, the FIM tokens added after the merges; tokenizer_config.json
+    names the begin token (a plain string) and asks for it or not; one file names the end token
+    (tokenizer_config.json in the {"content": ...} form, or an id in generation_config.json or
+    config.json). The weights make the end token certain: every embedding leans on channel 0,
+    which only the end token's row of the head reads. -> (folder, tokenizer)."""
+    tok = byte_bpe([BOS, EOS])
+    tok.add_special_tokens(list(FIM_TOKENS))
+    folder = Path(save_tiny(path, vocab_size=tok.get_vocab_size()))
+    tok.save(str(folder / "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.embed_tokens.weight"][:, 0] = 1000.0
+    weights["lm_head.weight"].zero_()
+    weights["lm_head.weight"][eos, 0] = 100.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    tokenizer_config = {"add_bos_token": add_bos, "bos_token": BOS}
+    if end_named_in == "tokenizer_config.json":
+        tokenizer_config["eos_token"] = {"__type": "AddedToken", "content": EOS, "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    if end_named_in == "generation_config.json":
+        (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": eos}))
+    if end_named_in == "config.json":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "bos_token_id": 0, "eos_token_id": eos}))
+    return str(folder), tok
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_fim_and_begin_tokens_are_the_checkpoint_tokenizers_own(capsys, tmp_path, add_bos):
+    path, tok = deepseek_like(tmp_path, add_bos=add_bos)
+    vocab_size, plain = tok.get_vocab_size(), lambda text: tok.encode(text, add_special_tokens=False).ids
+    begin, hole, end = map(tok.token_to_id, FIM_TOKENS)
+    start = [tok.token_to_id(BOS)] if add_bos else []
+    assert start in ([0], [])
+    fim = ["--ckpt", path, "--fim-prefix", "def f(", "--fim-suffix", "):\n    pass\n"]
+    ids, echo = infer.prompt_ids(infer.parse_args(fim), infer.load_tokenizer(path, vocab_size), vocab_size)
+    assert ids == [*start, begin, *plain("def f("), hole, *plain("):\n    pass\n"), end] and echo == "def f("
+    ids, _ = infer.prompt_ids(infer.parse_args(["--ckpt", path, "--prompt", "def fib"]),
+                              infer.load_tokenizer(path, vocab_size), vocab_size)
+    assert ids == [*start, *plain("def fib")]
+    code, out, err = run_main(capsys, *fim)  # the middle is empty: the end token is certain
+    assert code == 0 and out == "def f():\n    pass\n"
+    n_prompt = len(start) + len(plain("def f(")) + len(plain("):\n    pass\n")) + 3
+    assert re.search(r"prompt (\d+) tokens \| new (\d+) tokens", err).groups() == (str(n_prompt), "1")
+
+
+@pytest.mark.parametrize("end_named_in", ["tokenizer_config.json", "generation_config.json", "config.json", None])
+def test_generation_stops_at_the_checkpoints_end_token(capsys, tmp_path, end_named_in):
+    path, _ = deepseek_like(tmp_path, end_named_in=end_named_in)
+    for flags in ([], ["--speculative"]):
+        code, out, err = run_main(capsys, "--ckpt", path, "--prompt", "def fib", "--max-new-tokens", 20, *flags)
+        assert code == 0, err
+        new = re.search(r"\| new (\d+) tokens", err)[1]
+        if end_named_in is None:  # no file names an end token: nothing stops the run
+            assert new == "20" and out == "def fib" + EOS * 20 + "\n"
+        else:
+            assert new == "1" and out == "def fib\n"
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -1163,7 +1305,6 @@ def broken(tmp_path_factory, ckpt):
     (root / "torn_weights" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     (root / "with_tokenizer" / "model.safetensors").write_bytes(weights)
     (root / "with_tokenizer" / "tokenizer.json").write_text(json.dumps({"model": {}}))
-    from safetensors.torch import load_file, save_file
     tensors = load_file(src / "model.safetensors")
     del tensors["model.norm.weight"]
     save_file(tensors, root / "missing_tensor" / "model.safetensors")

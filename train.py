@@ -2,7 +2,7 @@
 Train DeepSeek-V3 on raw bytes: document packing, Fill-in-the-Middle, AdamW with a
 warmup-constant-cosine schedule, multi-token prediction and auxiliary-loss-free balancing.
 
-    python train.py                                   # tiny preset on CPU (small on GPU), ~12 min
+    python train.py                                   # tiny preset on CPU (small on GPU), ~13 min on 2 cores
     python train.py --max-steps 30                    # smoke run
     python train.py --resume                          # continue the run in out/, bit-exact on CPU
     python train.py --data notes/ --out out_notes     # your own text: a file, a folder or a glob
@@ -33,19 +33,108 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, accounting
+from model import ModelArgs, Transformer, accounting, atomic_write
 
-DEFAULT_MAX_STEPS = 900  # `python train.py`: about 14 minutes of the tiny preset on a 2-core CPU
-# Flags left unset take these per-preset values: the paper's run (§4.2: 15360 x 4096 tokens a
-# step, peak LR 2.2e-4) scaled down to what a CPU (tiny) or one GPU (small) can take.
-PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3),
+# ------------------------------------------------------------------------------ the recipe
+# DeepSeek-V3's pre-training recipe (§4.2; FIM §4.1): the paper's rules, with the sizes scaled
+# down per preset. Where each number lives:
+#   init std 0.006 for every matrix                ModelArgs.init_std (toy widths scale it up)
+#   AdamW β1 0.9, β2 0.95, weight decay 0.1        BETAS, --weight-decay
+#   gradient clipping at norm 1.0                  CLIP
+#   LR: linear warmup over 2K steps to 2.2e-4,     schedule(): --lr, --warmup-steps,
+#   constant until 10T of 14.8T tokens, cosine     --decay-start 0.68, --min-lr-frac 0.1
+#   decay to 2.2e-5 (then 500B tokens at constant  (our cosine ends at the last step)
+#   2.2e-5 and 7.3e-6)
+#   MTP loss weight λ 0.3, then 0.1 after 10T      --mtp-weight, --mtp-weight-late (at --decay-start)
+#   bias update speed γ 0.001                      ModelArgs.bias_update_speed, --bias-update-speed
+#   sequence-wise balance loss α 0.0001            ModelArgs.balance_alpha
+#   15360 sequences of 4096 tokens a step          PRESET_DEFAULTS (the paper ramps it up from 3072)
+#   Fill-in-the-Middle, PSM, 10% of the documents  FIM_RATE, epoch_stream()
+BETAS, CLIP = (0.9, 0.95), 1.0
+PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3),  # flags left unset take these
                    "small": dict(batch_size=32, seq_len=1024, lr=1e-3),
                    "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4)}
-FIM_RATE = 0.1  # §3.1: 10% of the documents become Fill-in-the-Middle examples
+FIM_RATE = 0.1
+DEFAULT_MAX_STEPS = 900  # `python train.py`: minutes on a laptop CPU, not hours
 VAL_FRACTION = 0.025  # share of the files held out for validation
-# tests, and pydoc_data: generated English documentation (topics.py, 0.76 MB in one string)
-STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "pydoc_data"}
+STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+               "pydoc_data"}  # pydoc_data: generated English prose in one huge string, not Python
 SAMPLE_PROMPT = "def "
+
+
+# ------------------------------------------------------------------------------ command line (infer.py uses it too)
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; one line says enough
+        die(f"{message} (see python {self.prog} --help)")
+
+
+def number(kind, low, high=math.inf, strict=False):
+    """argparse type: a finite number >= low (> low if strict), <= high."""
+    def parse(s):
+        v = kind(s)
+        if v < low or (strict and v == low) or not v <= high or v == math.inf:
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
+        return v
+    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for text
+    return parse
+
+
+positive_int, count, nonneg, fraction = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
+
+
+def pick_device(name):
+    """--device (None: cuda when there is one, else cpu) -> torch.device, or a one-line error."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name}: not a device name; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1) each process is one rank: gloo on CPU, NCCL on CUDA (one GPU
+    per rank). -> (rank, world size, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def all_mean(values, world, device):
+    """Average a list of floats over the ranks (the identity in one process). The reduction runs on
+    the training device: NCCL reduces CUDA tensors only."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return (t / world).tolist()
+
+
+def human(x, k=1000, units=("", "K", "M", "B", "T")):
+    for unit in units[:-1]:
+        if abs(x) < k:
+            return f"{x:.4g}{unit}"
+        x /= k
+    return f"{x:.4g}{units[-1]}"
+
+
+def human_bytes(b):
+    return human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
+
 
 # ------------------------------------------------------------------------------ byte tokenizer
 EOT, FIM_BEGIN, FIM_HOLE, FIM_END = 256, 257, 258, 259  # ids 0..255 are the bytes themselves
@@ -69,52 +158,14 @@ def decode(ids):
     return "".join(out) + run.decode("utf-8", errors="replace")
 
 
-def fim_prompt(prefix, suffix):
-    """PSM prompt (§3.1): the model continues with the middle, then <|endoftext|>."""
-    return [FIM_BEGIN, *encode(prefix), FIM_HOLE, *encode(suffix), FIM_END]
+def fim_prompt(prefix, suffix, encode=encode, fim=(FIM_BEGIN, FIM_HOLE, FIM_END)):
+    """PSM prompt (§4.1): the model continues with the middle, then its end token. The byte
+    tokenizer's unless given another tokenizer's encode and (begin, hole, end) ids."""
+    begin, hole, end = fim
+    return [begin, *encode(prefix), hole, *encode(suffix), end]
 
 
 # ------------------------------------------------------------------------------ data
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def init_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1) each process is one data-parallel rank: gloo on CPU, NCCL on
-    CUDA (one GPU per rank). -> (rank, world size, this rank's device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world, device
-
-
-def all_mean(values, world):
-    """Average a list of floats over the ranks (the identity in one process)."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return (t / world).tolist()
-
-
-def pick_device(name):
-    """--device (None: cuda when there is one, else cpu) -> torch.device, or a one-line error."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        die(f"--device {name}: not a device name; use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return device
-
-
 def find_files(data):
     """--data (None: this Python's standard library) -> (root, sorted file paths)."""
     if data is None:
@@ -166,7 +217,7 @@ def fim_split(doc, rng):
 
 def epoch_stream(docs, rng, fim_rate=FIM_RATE):
     """One epoch as one stream, <|endoftext|> doc <|endoftext|> doc ... in shuffled order, with a
-    fim_rate share of the documents in PSM order (§3.1, DeepSeek-Coder):
+    fim_rate share of the documents in PSM order (§4.1, DeepSeek-Coder):
     <|fim_begin|> prefix <|fim_hole|> suffix <|fim_end|> middle <|endoftext|>."""
     order = list(range(len(docs)))
     rng.shuffle(order)
@@ -227,24 +278,24 @@ def val_batches(docs, seq_len, batch_size, n_batches):
     return [(x[ids].long(), y[ids].long()) for ids in keep.split(batch_size)]
 
 
+# ------------------------------------------------------------------------------ evaluation, schedule
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
     """Next-byte cross-entropy of the main head, in nats per byte. Only byte targets count: the
     <|endoftext|> after each document is left out, so bits-per-byte is per byte of text."""
     model.eval()
-    nll, count = 0.0, 0
+    nll, n = 0.0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast:
             logits = model(x)
         mask = (y >= 0) & (y < 256)
         nll += F.cross_entropy(logits[mask].float(), y[mask], reduction="sum").item()
-        count += int(mask.sum())
+        n += int(mask.sum())
     model.train()
-    return nll / count
+    return nll / n
 
 
-# ------------------------------------------------------------------------------ schedule, checkpoints
 def schedule(step, a):
     """(lr, MTP weight λ) for 0-based `step`, §4.2 in shape: linear warmup, constant, then from
     decay_start a cosine decay to min_lr_frac * lr at the last step, while λ drops 0.3 -> 0.1."""
@@ -255,11 +306,7 @@ def schedule(step, a):
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))), a.mtp_weight_late
 
 
-def atomic_write(path, write):
-    write(path + ".tmp")  # a kill before the rename leaves the previous file in place
-    os.replace(path + ".tmp", path)
-
-
+# ------------------------------------------------------------------------------ checkpoints
 def model_tensors(model):
     # named_parameters/named_buffers list a shared tensor once (MTP reuses the embedding and head)
     persistent = model.state_dict().keys()
@@ -296,6 +343,12 @@ def load_checkpoint(out, model, optimizer, param_names):
     own, saved = model_tensors(model), {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     if state["param_names"] != param_names or any(k not in saved or saved[k].shape != v.shape for k, v in own.items()):
         die(f"the checkpoint in {out}/ holds another model than these flags build; resume without model flags")
+    for k, v in tensors.items():  # a run that diverged, or a damaged file: training on would spread it
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            i = int(k.split(".")[1]) if k.startswith("optim.") else None
+            what = "" if i is None else f" (AdamW state of {param_names[i]})"
+            die(f"--resume: {k}{what} in {out}/train_state.safetensors holds NaN or inf (a diverged run or a "
+                "damaged file); start afresh without --resume, or resume a copy of an earlier checkpoint")
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(saved[k])
@@ -311,27 +364,16 @@ def load_checkpoint(out, model, optimizer, param_names):
     return state
 
 
-# ------------------------------------------------------------------------------ command line
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; one line says enough
-        die(f"{message} (see python train.py --help)")
+def logged_by(line, step):
+    try:
+        return json.loads(line)["step"] <= step
+    except (ValueError, KeyError):  # a line cut short by a kill
+        return False
 
 
-def number(kind, low, high=math.inf, strict=False):
-    """argparse type: a finite number >= low (> low if strict), <= high."""
-    def parse(s):
-        v = kind(s)
-        if v < low or (strict and v == low) or not v <= high or v == math.inf:
-            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
-        return v
-    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for text
-    return parse
-
-
+# ------------------------------------------------------------------------------ arguments
 def get_parser():
-    positive_int, count, nonneg, fraction = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
-    p = Parser(description="Train DeepSeek-V3 on bytes; the docstring of train.py has examples.")
+    p = Parser(prog="train.py", description="Train DeepSeek-V3 on bytes; the docstring of train.py has examples.")
     add = p.add_argument
     add("--preset", help="model: tiny, small or deepseek-v3 (default: tiny on CPU, small on GPU)")
     add("--data", help="text file, folder (all text files below it) or glob (default: this Python's standard library)")
@@ -385,18 +427,6 @@ def parse_args(argv=None):
         die(f"--preset {a.preset}: {e}")
 
 
-def human(x, k=1000, units=("", "K", "M", "B", "T")):
-    for unit in units[:-1]:
-        if abs(x) < k:
-            return f"{x:.4g}{unit}"
-        x /= k
-    return f"{x:.4g}{units[-1]}"
-
-
-def human_bytes(b):
-    return human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
-
-
 def dry_run(a, margs):
     """Accounting from the shapes alone, so even the 671B preset costs nothing to inspect."""
     acc = accounting(margs, a.seq_len)
@@ -406,20 +436,14 @@ def dry_run(a, margs):
     print(f"parameters  {human(acc['params_total'])} main model ({human(acc['params_active'])} active per token, "
           f"{human(acc['params_embedding'])} embedding) + {human(acc['params_mtp'])} MTP")
     print(f"compute     {flops:.4g} training FLOPs per token (6 x active params + attention)")
-    print(f"KV cache    {kv:,} bytes per token (bf16), {human_bytes(kv * a.seq_len)} per {a.seq_len}-token sequence")
+    print(f"KV cache    {kv:,} bytes per token (bf16, the MTP layers included), "
+          f"{human_bytes(kv * a.seq_len)} per {a.seq_len}-token sequence")
     print(f"memory      weights + grads + AdamW moments = total, {human(n)} parameters, activations not counted")
     for name, b in (("float32", 4), ("bfloat16", 2)):
         w, m = human_bytes(n * b), human_bytes(2 * n * b)
         print(f"  {name:<9} {w} + {w} + {m} = {human_bytes(4 * n * b)}")
     print(f"this run    {tokens:,} tokens/step x {a.max_steps} steps = {human(tokens * a.max_steps)} tokens, "
           f"{flops * tokens * a.max_steps:.3g} FLOPs")
-
-
-def logged_by(line, step):
-    try:
-        return json.loads(line)["step"] <= step
-    except (ValueError, KeyError):  # a line cut short by a kill
-        return False
 
 
 # ------------------------------------------------------------------------------ training
@@ -438,14 +462,14 @@ def main(argv=None):
     train_docs, val_docs = load_documents(a.data)
     data = dict(files=len(train_docs), bytes=sum(map(len, train_docs)))
 
-    rank, world, device = init_distributed(torch.device(a.device))
+    rank, world, device = init_distributed(a.device)
     lead = rank == 0  # rank 0 alone evaluates, logs and writes checkpoints
     say = print if lead else lambda *args, **kw: None
     if a.batch_size % world:
         die(f"--batch-size {a.batch_size} does not split over {world} ranks; use a multiple of {world}")
     if device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
         torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
-        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every empty() costs ~6%
+        torch.utils.deterministic.fill_uninitialized_memory = False  # exactness needs no NaN-filled empty()
     autocast = torch.autocast(device.type, torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
     torch.manual_seed(a.seed)
     model = Transformer(margs).to(device)
@@ -454,13 +478,13 @@ def main(argv=None):
     fwd = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     fwd = torch.compile(fwd) if a.compile else fwd
     # Weight decay on every matrix, the embedding and head included: the paper names one decay
-    # (0.1, §4.2) and no exceptions, as nanoGPT does. Not on the 1-D RMSNorm gains, where decay
-    # would shrink activations rather than regularise. The routing bias is a buffer (§2.1.2).
+    # and no exceptions, as nanoGPT does. Not on the 1-D RMSNorm gains, where decay would shrink
+    # activations rather than regularise. The routing bias is a buffer, not a parameter (§2.1.2).
     named = sorted(model.named_parameters(), key=lambda kv: kv[1].ndim < 2)  # matrices first
     param_names = [k for k, _ in named]
     optimizer = torch.optim.AdamW([{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": a.weight_decay},
                                    {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=a.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+                                  lr=a.lr, betas=BETAS, fused=device.type == "cuda")
     gamma = 0.0 if a.no_bias_update else margs.bias_update_speed if a.bias_update_speed is None else a.bias_update_speed
     state = load_checkpoint(a.out, model, optimizer, param_names) if a.resume else dict(step=0, epoch=0, batch=0)
     if a.resume and state.get("data") != data:
@@ -472,47 +496,56 @@ def main(argv=None):
     if lead:
         atomic_write(metrics_path, lambda p: Path(p).write_text("".join(kept)))  # drop lines logged after the checkpoint
     metrics = open(metrics_path, "a") if lead else None
+    run = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}  # what the checkpoint carries
+    sched = {k: run[k] for k in ("max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac", "mtp_weight", "mtp_weight_late")}
 
     step, saved_step = state["step"], state["step"] if a.resume else None
     stop, tokens_per_step = min(a.stop_at or a.max_steps, a.max_steps), a.batch_size * a.seq_len * a.grad_accum
     say(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} ({a.dtype}); "
-          f"{len(train_docs)} train / {len(val_docs)} val files, {data['bytes'] / 1e6:.2f}M / "
-          f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {tokens_per_step:,} tokens/step; steps {step} -> {stop}"
-        + (f"; {world} data-parallel ranks" if world > 1 else ""))
+        f"{len(train_docs)} train / {len(val_docs)} val files, {data['bytes'] / 1e6:.2f}M / "
+        f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {tokens_per_step:,} tokens/step; steps {step} -> {stop}"
+        + (f"; {world} data-parallel ranks" if world > 1 else "")
+        + f"; first checkpoint at step {min(stop, (step // a.save_interval + 1) * a.save_interval)}")
     if step >= stop:
         return say(f"the run in {a.out}/ is at step {step} already; raise --max-steps to train on")
-    kept = lambda: f"{a.out}/ keeps the checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint written"
+    on_disk = lambda: f"{a.out}/ keeps the checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint written"
     pbar, times = tqdm(total=stop, initial=step, file=sys.stdout, dynamic_ncols=True, disable=not lead), []
     try:
         while step < stop:
             t0 = time.perf_counter()
+            # 1. this step's learning rate and MTP weight λ
             lr, mtp_weight = schedule(step, a)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # 2. forward and backward over the micro-batches, each rank on its share of the rows
             logs = dict.fromkeys(("loss", "ce", "mtp", "balance"), 0.0)
             for _ in range(a.grad_accum):
-                x, y = (t[rank::world].to(device, non_blocking=True) for t in next(batches))  # this rank's rows
+                x, y = (t[rank::world].to(device, non_blocking=True) for t in next(batches))
                 with autocast:
                     _, losses = fwd(x, y, mtp_weight=mtp_weight)
                 (losses["loss"] / a.grad_accum).backward()
                 for k in logs:
                     logs[k] += float(losses[k].detach()) / a.grad_accum
-            logs = dict(zip(logs, all_mean(list(logs.values()), world)))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-            if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):  # stop before the weights see it
+            logs = dict(zip(logs, all_mean(list(logs.values()), world, device)))
+            # 3. clip; a non-finite loss or gradient stops the run before the weights see it
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+            if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
                 pbar.close()
                 die(f"loss {logs['loss']:.4g} or gradient norm {grad_norm:.4g} not finite at step {step + 1}; "
-                    f"stopped, {kept()}; lower --lr or use --dtype float32")
+                    f"stopped, {on_disk()}; lower --lr or use --dtype float32")
+            # 4. AdamW, then aux-loss-free balancing from the whole step's expert loads (§2.1.2);
+            #    every rank applies the same bias update: the loads of the whole global batch
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if world > 1:  # every rank applies the same update: the loads of the whole global batch
+            if world > 1:
                 for moe in model.moe_layers():
                     torch.distributed.all_reduce(moe.load)
-            maxvio = model.update_bias(gamma)  # aux-loss-free balancing with the whole step's loads (§2.1.2)
+            maxvio = model.update_bias(gamma)
             step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            # 5. log a metrics line, validate every --eval-interval steps, move the progress bar
             rec = dict(step=step, loss=logs["loss"], ce=logs["ce"], mtp_loss=logs["mtp"], balance_loss=logs["balance"],
                        lr=lr, mtp_weight=mtp_weight, grad_norm=grad_norm, tokens_per_s=tokens_per_step / times[-1],
                        maxvio_mean=float(maxvio.mean()) if len(maxvio) else 0.0,
@@ -528,17 +561,15 @@ def main(argv=None):
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{lr:.2e}",
                              maxvio=f"{rec['maxvio_max']:.2f}")
             pbar.update()
+            # 6. checkpoint every --save-interval steps and at the end
             if lead and (step % a.save_interval == 0 or step == stop):
-                run = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}
-                sched = {k: run[k] for k in ("max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac",
-                                             "mtp_weight", "mtp_weight_late")}
                 save_checkpoint(a.out, model, optimizer, dict(
                     step=step, epoch=batches.epoch, batch=batches.index, seed=a.seed, args=run, schedule=sched,
                     data=data, model=margs.to_dict(), param_names=param_names, metrics=rec))
                 saved_step = step
     except KeyboardInterrupt:
         pbar.close()
-        say(f"interrupted at step {step}, {kept()}; continue with --resume", file=sys.stderr)
+        say(f"interrupted at step {step}, {on_disk()}; continue with --resume", file=sys.stderr)
         sys.exit(130)
     pbar.close()
     if world > 1:
