@@ -16,10 +16,10 @@ written, then one line of speed; or a benchmark of MTP speculative decoding agai
 
 Checkpoints are folders in the published Hugging Face layout (config.json + *.safetensors), as
 `python train.py` writes to out/. Text goes through our byte tokenizer (train.py), or through the
-folder's tokenizer.json when there is one (needs `pip install tokenizers`), with the begin, end
-and FIM tokens that its tokenizer_config.json, generation_config.json or config.json name;
-generation ends at the end token (ours: <|endoftext|>). --prompt-ids takes token ids and works
-with any checkpoint. The text goes to stdout, the speed line to stderr.
+folder's tokenizer.json when there is one (needs `pip install tokenizers`), with its FIM tokens
+and the begin and end tokens that tokenizer_config.json, generation_config.json or config.json
+name; generation ends at the end token (ours: <|endoftext|>). --prompt-ids takes token ids and
+works with any checkpoint. The text goes to stdout, the speed line to stderr.
 """
 import json
 import logging
