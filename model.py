@@ -587,12 +587,21 @@ def fp8_dequantize(q, scale, block=WEIGHT, dtype=torch.float32):
 
 
 def fp8_gemm(qa, sa, a_block, qb, sb, b_block, out_dtype=torch.float32):
-    """a @ b^T from quantized operands a (M, K), b (N, K), each tiled along the contraction dim
-    K: (1, 128) for activations and gradients, (128, 128) for weights. Real e4m3 tensor-core GEMM
-    on Hopper (fp8_scaled_mm); elsewhere an emulation that multiplies the same e4m3 numbers:
-    dequantize, then a float32 matmul with float32 accumulation, as the paper's promotion does."""
-    if qa.dim() == 2 and qa.size(-1) % FP8_BLOCK == 0 and qb.size(0) % FP8_BLOCK == 0 \
-            and fp8_real_available(qa.device):
+    """a @ b^T from quantized operands a (..., M, K), b (..., N, K), each tiled along the
+    contraction dim K: (1, 128) for activations and gradients, (128, 128) for weights; leading
+    dims (the stacked experts) are batch dims. Real e4m3 tensor-core GEMM on Hopper: one
+    fp8_scaled_mm per leading index (layouts a CPU checks with torch's meta function, which the
+    block-wise form of scaled_grouped_mm lacks), the contraction dim zero-padded to whole tiles,
+    N a multiple of 128 (else emulated). Elsewhere an emulation that multiplies the same e4m3
+    numbers: dequantize, then a float32 matmul with float32 accumulation, as the paper's
+    promotion does."""
+    if fp8_real_available(qa.device) and qb.size(-2) % FP8_BLOCK == 0:  # N: whole weight blocks
+        if qa.dim() > 2:
+            return torch.stack([fp8_gemm(qa[i], sa[i], a_block, qb[i], sb[i], b_block, out_dtype)
+                                for i in range(qa.size(0))])                  # (E, M, N)
+        pad = -qa.size(-1) % FP8_BLOCK   # K: zeros complete the last tile, whose scale exists already
+        if pad:
+            qa, qb = (torch.cat([q, q.new_zeros(q.size(0), pad)], 1) for q in (qa, qb))
         return fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block).to(out_dtype)
     with torch.autocast(qa.device.type, enabled=False):  # the emulation's product stays float32
         return (fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT).to(out_dtype)
