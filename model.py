@@ -709,13 +709,26 @@ def fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block):
 
 # ----------------------------------------------------------------------------------------------
 # Expert back-ends: part 1's Experts.forward loops over the experts; these compute the same sum
-# in one or a few large products. Picked per call, for the hardware and the number of pairs:
-#   gather  - CPU decoding (fewer (token, expert) pairs than experts, or inside a compiled
-#             inference step): each pair multiplies its expert's weights in place, no sort, no
-#             host sync, so a compiled step stays one graph;
+# in one or a few large products. Picked per call by expert_backend, for the hardware and the
+# number of (token, expert) pairs:
+#   gather  - CPU decoding (fewer pairs than experts, or inside a compiled inference step): each
+#             pair multiplies its expert's weights in place, no sort, no host sync, so a compiled
+#             step stays one graph;
 #   grouped - torch's grouped GEMM over the sorted pairs: CUDA in bfloat16 (its only dtype
 #             there), and CPU with few pairs per expert;
-#   padded  - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training and FP8.
+#   padded  - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training and FP8
+#             (training: FP8Matmul per expert, the real e4m3 path on Hopper).
+
+def expert_backend(is_cuda, dtype, n_pairs, n_experts, fp8, compiling):
+    """'gather', 'grouped' or 'padded' for one call. dtype: the compute dtype (autocast's if on);
+    fp8: None, 'train' (FP8Matmul) or 'stored' (e4m3 weights); compiling: a compiled inference step."""
+    if not is_cuda and not fp8 and (n_pairs < n_experts or compiling):
+        return "gather"
+    # grouped_mm's CUDA kernel (and meta function) takes bfloat16 only: float32 there is padded
+    if hasattr(F, "grouped_mm") and not fp8 and (dtype == torch.bfloat16 if is_cuda else n_pairs < n_experts * 8):
+        return "grouped"
+    return "padded"
+
 
 def fast_experts(self, x, weights, idx):
     """Experts.forward through the back-ends above; same arguments and result as the loop."""
@@ -724,17 +737,18 @@ def fast_experts(self, x, weights, idx):
     if first is not None:                 # local ids; another rank's expert gets id E, weight 0
         mine = (idx >= first) & (idx < first + E)
         idx, weights = torch.where(mine, idx - first, E), weights * mine
-    fp8 = getattr(self, "fp8_train", False) or self.w1.dtype == FP8_DTYPE
+    fp8 = "stored" if self.w1.dtype == FP8_DTYPE else "train" if getattr(self, "fp8_train", False) else None
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
-    if (N * K < E or compiled_inference) and not x.is_cuda and not fp8:
+    backend = expert_backend(x.is_cuda, dtype, N * K, E, fp8, compiled_inference)
+    if backend == "gather":
         return gather_experts(self, x, weights, idx.clamp(max=E - 1))
     flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
     order = flat.argsort(stable=True)                # pairs grouped by expert, id E last
     counts = flat.bincount(minlength=E)[:E]
     if first is not None:
         order = order[:int(counts.sum())]            # drop the other ranks' pairs
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if hasattr(F, "grouped_mm") and not fp8 and (dtype == torch.bfloat16 if x.is_cuda else N * K < E * 8):
+    if backend == "grouped":
         pair = order
         h = grouped_experts(self, x[order // K], counts, dtype)             # (N*K, D)
     else:

@@ -1350,6 +1350,30 @@ def test_readme_quick_start_trains_then_infers_as_a_user_runs_it(tmp_path):
 
 # ---- real FP8 and GPU checks (§3.3)
 
+def test_expert_backend_keeps_float32_off_grouped_mm_on_cuda():
+    """Bug 4: on CUDA in float32 (compiled or not) the MoE went through grouped_mm, whose CUDA
+    kernel and meta function take bfloat16 only; the old rule (x.is_cuda or few pairs) chose it."""
+    from model import expert_backend
+    if hasattr(F, "grouped_mm"):
+        with torch.device("meta"):
+            a, b, offs = torch.empty(10, 64), torch.empty(4, 64, 32), torch.tensor([2, 5, 7, 10], dtype=torch.int32)
+            with pytest.raises(RuntimeError, match="BF16"):
+                F.grouped_mm(a, b, offs=offs)
+            assert F.grouped_mm(a.bfloat16(), b.bfloat16(), offs=offs).shape == (10, 32)
+    grouped = "grouped" if hasattr(F, "grouped_mm") else "padded"
+    for compiling in (False, True):
+        assert expert_backend(True, torch.float32, 4096, 8, None, compiling) == "padded"
+        assert expert_backend(True, torch.bfloat16, 4096, 8, None, compiling) == grouped
+        assert expert_backend(True, torch.bfloat16, 4, 8, None, compiling) == grouped   # no gather on CUDA
+        assert expert_backend(True, torch.bfloat16, 4096, 8, "train", compiling) == "padded"
+    assert expert_backend(False, torch.float32, 4, 8, None, False) == "gather"          # CPU decoding
+    assert expert_backend(False, torch.float32, 4096, 8, None, True) == "gather"        # compiled step
+    assert expert_backend(False, torch.float32, 40, 8, None, False) == grouped          # few pairs per expert
+    assert expert_backend(False, torch.float32, 4096, 8, None, False) == "padded"
+    assert expert_backend(False, torch.float32, 4096, 8, "stored", False) == "padded"
+    assert expert_backend(False, torch.float32, 4, 8, "train", False) == "padded"
+
+
 def checked_scaled_mm(calls):
     """Stands in for fp8_scaled_mm on a CPU: torch's meta function of scaled_mm checks the
     layouts the real call would pass, then the same e4m3 numbers are multiplied in float32."""
