@@ -654,12 +654,18 @@ class FP8Linear(Linear):
         return F.linear(x, self.weight)
 
 
-def expert_matmul(experts, x, name):
-    """x (..., M, K) @ W^T for expert weights W = experts.<name> (..., N, K): high precision,
-    FP8-stored (dequantized) or FP8-trained (FP8Matmul)."""
+def expert_matmul(experts, x, name, used=None):
+    """x (E', M, K) @ W^T for expert weights W = experts.<name> (E, N, K), or only W[used]
+    (E' = len(used)): high precision, FP8-trained (FP8Matmul) or FP8-stored: e4m3 GEMM on Hopper,
+    elsewhere the used experts' blocks dequantized (not all E)."""
     w = getattr(experts, name)
+    w = w if used is None else w[used]
     if w.dtype == FP8_DTYPE:
-        return x @ fp8_dequantize(w, getattr(experts, name + "_scale"), dtype=x.dtype).mT
+        scale = getattr(experts, name + "_scale")
+        scale = scale if used is None else scale[used]
+        if fp8_real_available(x.device):
+            return fp8_gemm(*fp8_quantize(x, ACT), ACT, w, scale, WEIGHT, x.dtype)
+        return x @ fp8_dequantize(w, scale, dtype=x.dtype).mT
     if getattr(experts, "fp8_train", False) and torch.is_grad_enabled():
         return FP8Matmul.apply(x, w)
     return x @ w.mT
@@ -713,16 +719,17 @@ def fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block):
 # number of (token, expert) pairs:
 #   gather  - CPU decoding (fewer pairs than experts, or inside a compiled inference step): each
 #             pair multiplies its expert's weights in place, no sort, no host sync, so a compiled
-#             step stays one graph;
+#             step stays one graph; FP8-stored weights: only the chosen experts' are dequantized;
 #   grouped - torch's grouped GEMM over the sorted pairs: CUDA in bfloat16 (its only dtype
 #             there), and CPU with few pairs per expert;
 #   padded  - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training and FP8
-#             (training: FP8Matmul per expert, the real e4m3 path on Hopper).
+#             (training: FP8Matmul per expert, the real e4m3 path on Hopper; FP8-stored: the
+#             experts with no rows are skipped).
 
 def expert_backend(is_cuda, dtype, n_pairs, n_experts, fp8, compiling):
     """'gather', 'grouped' or 'padded' for one call. dtype: the compute dtype (autocast's if on);
     fp8: None, 'train' (FP8Matmul) or 'stored' (e4m3 weights); compiling: a compiled inference step."""
-    if not is_cuda and not fp8 and (n_pairs < n_experts or compiling):
+    if not is_cuda and fp8 != "train" and (n_pairs < n_experts or compiling):
         return "gather"
     # grouped_mm's CUDA kernel (and meta function) takes bfloat16 only: float32 there is padded
     if hasattr(F, "grouped_mm") and not fp8 and (dtype == torch.bfloat16 if is_cuda else n_pairs < n_experts * 8):
@@ -757,7 +764,8 @@ def fast_experts(self, x, weights, idx):
         cap = -(-int(counts.max()) // 64) * 64       # rounded up: few distinct shapes to compile
         pair = torch.full((E, cap), N * K, device=x.device)                 # N*K = padding
         pair[expert, slot] = order
-        h = padded_experts(self, F.pad(x, (0, 0, 0, 1))[pair // K])         # (E, cap, D)
+        used = counts.nonzero().squeeze(1) if fp8 == "stored" else None
+        h = padded_experts(self, F.pad(x, (0, 0, 0, 1))[pair // K], used)  # (E, cap, D)
     w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)                  # 0 for padding
     y = h.new_zeros(N + 1, x.size(1))                                       # row N: padding
     return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
@@ -765,13 +773,19 @@ def fast_experts(self, x, weights, idx):
 
 def gather_experts(self, x, weights, idx):
     """Each token's K experts' weights gathered, one at a time (fewer temporaries alive), and
-    x repeated per expert, so each (token, expert) pair is its own one-row product."""
+    x repeated per expert, so each (token, expert) pair is its own one-row product. FP8-stored
+    weights: the gathered e4m3 blocks and their scales are dequantized, the other experts' not."""
     N, K = idx.shape
-    gather = lambda w: w.index_select(0, idx.flatten()).unflatten(0, (N, K))   # (N, K, *, *)
+
+    def gather(name):                                                           # (N, K, *, *)
+        w = getattr(self, name).index_select(0, idx.flatten())
+        if w.dtype == FP8_DTYPE:
+            w = fp8_dequantize(w, getattr(self, name + "_scale").index_select(0, idx.flatten()), dtype=x.dtype)
+        return w.unflatten(0, (N, K))
     xk = x[:, None].expand(-1, K, -1)                                           # (N, K, D)
-    h = (F.silu(torch.einsum("nkd,nkid->nki", xk, gather(self.w1)))
-         * torch.einsum("nkd,nkid->nki", xk, gather(self.w3)))                   # (N, K, I)
-    y = torch.einsum("nki,nkdi->nkd", h, gather(self.w2))                       # (N, K, D)
+    h = (F.silu(torch.einsum("nkd,nkid->nki", xk, gather("w1")))
+         * torch.einsum("nkd,nkid->nki", xk, gather("w3")))                     # (N, K, I)
+    y = torch.einsum("nki,nkdi->nkd", h, gather("w2"))                          # (N, K, D)
     return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
 
 
@@ -782,11 +796,13 @@ def grouped_experts(self, xs, counts, dtype):
     return mm(F.silu(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
 
 
-def padded_experts(self, buf):
+def padded_experts(self, buf, used=None):
     """buf (E, cap, D): each expert's rows padded to the largest count -> (E, cap, D) by batched
-    matmuls (E * cap - N*K idle rows when the load is uneven)."""
-    mm = lambda t, name: expert_matmul(self, t, name)
-    return mm(F.silu(mm(buf, "w1")) * mm(buf, "w3"), "w2")
+    matmuls (E * cap - N*K idle rows when the load is uneven). used: the experts with rows, the
+    only ones computed (the others' rows are padding, their output zero)."""
+    mm = lambda t, name: expert_matmul(self, t, name, used)
+    ffn = lambda t: mm(F.silu(mm(t, "w1")) * mm(t, "w3"), "w2")
+    return ffn(buf) if used is None else buf.new_zeros(buf.shape).index_copy_(0, used, ffn(buf[used]))
 
 
 Experts.backend = fast_experts

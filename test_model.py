@@ -1370,6 +1370,7 @@ def test_expert_backend_keeps_float32_off_grouped_mm_on_cuda():
     assert expert_backend(False, torch.float32, 4096, 8, None, True) == "gather"        # compiled step
     assert expert_backend(False, torch.float32, 40, 8, None, False) == grouped          # few pairs per expert
     assert expert_backend(False, torch.float32, 4096, 8, None, False) == "padded"
+    assert expert_backend(False, torch.float32, 4, 8, "stored", False) == "gather"      # FP8 decoding
     assert expert_backend(False, torch.float32, 4096, 8, "stored", False) == "padded"
     assert expert_backend(False, torch.float32, 4, 8, "train", False) == "padded"
 
@@ -1434,6 +1435,32 @@ def test_fp8_gemm_pads_the_contraction_dim_exactly(monkeypatch):
     monkeypatch.setattr(M, "fp8_scaled_mm", checked_scaled_mm(calls))
     assert rel(fp8_gemm(qa, sa, ACT, qb, sb, ACT), emulated) < 1e-6
     assert calls == [((128, 128), (256, 128))] * 2                   # one per expert, K 40 -> 128
+
+
+@pytest.mark.parametrize("n_tokens", [3, 40])   # 6 pairs < 16 experts: gather; 80 pairs: padded
+def test_fp8_stored_experts_dequantize_only_the_experts_used(monkeypatch, n_tokens):
+    import model as M
+    from model import use_fp8
+    moe, args = random_moe(n_routed_experts=16, n_expert_groups=4, n_limited_groups=1)
+    use_fp8(moe, store=True)
+    ex = moe.experts
+    with torch.no_grad():
+        moe.gate.bias[8:] = -10.0              # experts 8-15 never chosen: a step that skips some
+    x = torch.randn(n_tokens, args.dim)
+    w, idx, _ = moe.gate(x)
+    dense = {n: fp8_dequantize(getattr(ex, n), getattr(ex, n + "_scale")) for n in ("w1", "w2", "w3")}
+    ref = torch.zeros_like(x)                  # every expert dequantized, the plain loop
+    for n in range(n_tokens):
+        for k in range(args.n_activated_experts):
+            e = idx[n, k]
+            ref[n] += w[n, k] * (dense["w2"][e] @ (F.silu(dense["w1"][e] @ x[n]) * (dense["w3"][e] @ x[n])))
+    blocks = []
+    dequantize = M.fp8_dequantize
+    monkeypatch.setattr(M, "fp8_dequantize", lambda q, *a, **k: blocks.append(q.size(0)) or dequantize(q, *a, **k))
+    y = ex(x, w, idx)
+    assert rel(y, ref) < 1e-5
+    used = idx.unique().numel()
+    assert used < 16 and sum(blocks) == 3 * (idx.numel() if n_tokens * 2 < 16 else used)
 
 
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and __import__("model").fp8_real_available("cuda")),
