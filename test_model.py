@@ -1463,6 +1463,28 @@ def test_fp8_stored_experts_dequantize_only_the_experts_used(monkeypatch, n_toke
     assert used < 16 and sum(blocks) == 3 * (idx.numel() if n_tokens * 2 < 16 else used)
 
 
+def test_fp8_stored_experts_take_the_real_path_on_used_experts_only(monkeypatch):
+    """FP8 inference with the Hopper path forced: one checked scaled_mm per used expert and
+    projection (activations quantized 1x128, the stored 128x128 blocks as they are), within
+    e4m3 rounding of the dequantized path."""
+    import model as M
+    from model import use_fp8
+    if not hasattr(F, "scaled_mm"):
+        pytest.skip("this torch has no scaled_mm")
+    moe, args = random_moe(dim=128, moe_inter_dim=128, n_routed_experts=16, n_expert_groups=4, n_limited_groups=1)
+    use_fp8(moe, store=True)
+    with torch.no_grad():
+        moe.gate.bias[8:] = -10.0
+    x = torch.randn(40, args.dim)
+    w, idx, _ = moe.gate(x)
+    dequantized = moe.experts(x, w, idx)
+    calls = []
+    monkeypatch.setattr(M, "fp8_real_available", lambda device: True)
+    monkeypatch.setattr(M, "fp8_scaled_mm", checked_scaled_mm(calls))
+    assert rel(moe.experts(x, w, idx), dequantized) < 5e-2   # x rounded to e4m3 (~2.5% RMS)
+    assert len(calls) == 3 * idx.unique().numel() < 3 * 16
+
+
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and __import__("model").fp8_real_available("cuda")),
                             reason="needs a Hopper GPU (block-wise scaled_mm: SM90, CUDA >= 12.9)")
 
