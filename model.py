@@ -587,12 +587,21 @@ def fp8_dequantize(q, scale, block=WEIGHT, dtype=torch.float32):
 
 
 def fp8_gemm(qa, sa, a_block, qb, sb, b_block, out_dtype=torch.float32):
-    """a @ b^T from quantized operands a (M, K), b (N, K), each tiled along the contraction dim
-    K: (1, 128) for activations and gradients, (128, 128) for weights. Real e4m3 tensor-core GEMM
-    on Hopper (fp8_scaled_mm); elsewhere an emulation that multiplies the same e4m3 numbers:
-    dequantize, then a float32 matmul with float32 accumulation, as the paper's promotion does."""
-    if qa.dim() == 2 and qa.size(-1) % FP8_BLOCK == 0 and qb.size(0) % FP8_BLOCK == 0 \
-            and fp8_real_available(qa.device):
+    """a @ b^T from quantized operands a (..., M, K), b (..., N, K), each tiled along the
+    contraction dim K: (1, 128) for activations and gradients, (128, 128) for weights; leading
+    dims (the stacked experts) are batch dims. Real e4m3 tensor-core GEMM on Hopper: one
+    fp8_scaled_mm per leading index (layouts a CPU checks with torch's meta function, which the
+    block-wise form of scaled_grouped_mm lacks), the contraction dim zero-padded to whole tiles,
+    N a multiple of 128 (else emulated). Elsewhere an emulation that multiplies the same e4m3
+    numbers: dequantize, then a float32 matmul with float32 accumulation, as the paper's
+    promotion does."""
+    if fp8_real_available(qa.device) and qb.size(-2) % FP8_BLOCK == 0:  # N: whole weight blocks
+        if qa.dim() > 2:
+            return torch.stack([fp8_gemm(qa[i], sa[i], a_block, qb[i], sb[i], b_block, out_dtype)
+                                for i in range(qa.size(0))])                  # (E, M, N)
+        pad = -qa.size(-1) % FP8_BLOCK   # K: zeros complete the last tile, whose scale exists already
+        if pad:
+            qa, qb = (torch.cat([q, q.new_zeros(q.size(0), pad)], 1) for q in (qa, qb))
         return fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block).to(out_dtype)
     with torch.autocast(qa.device.type, enabled=False):  # the emulation's product stays float32
         return (fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT).to(out_dtype)
@@ -645,12 +654,18 @@ class FP8Linear(Linear):
         return F.linear(x, self.weight)
 
 
-def expert_matmul(experts, x, name):
-    """x (..., M, K) @ W^T for expert weights W = experts.<name> (..., N, K): high precision,
-    FP8-stored (dequantized) or FP8-trained (FP8Matmul)."""
+def expert_matmul(experts, x, name, used=None):
+    """x (E', M, K) @ W^T for expert weights W = experts.<name> (E, N, K), or only W[used]
+    (E' = len(used)): high precision, FP8-trained (FP8Matmul) or FP8-stored: e4m3 GEMM on Hopper,
+    elsewhere the used experts' blocks dequantized (not all E)."""
     w = getattr(experts, name)
+    w = w if used is None else w[used]
     if w.dtype == FP8_DTYPE:
-        return x @ fp8_dequantize(w, getattr(experts, name + "_scale"), dtype=x.dtype).mT
+        scale = getattr(experts, name + "_scale")
+        scale = scale if used is None else scale[used]
+        if fp8_real_available(x.device):
+            return fp8_gemm(*fp8_quantize(x, ACT), ACT, w, scale, WEIGHT, x.dtype)
+        return x @ fp8_dequantize(w, scale, dtype=x.dtype).mT
     if getattr(experts, "fp8_train", False) and torch.is_grad_enabled():
         return FP8Matmul.apply(x, w)
     return x @ w.mT
@@ -700,13 +715,27 @@ def fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block):
 
 # ----------------------------------------------------------------------------------------------
 # Expert back-ends: part 1's Experts.forward loops over the experts; these compute the same sum
-# in one or a few large products. Picked per call, for the hardware and the number of pairs:
-#   gather  - CPU decoding (fewer (token, expert) pairs than experts, or inside a compiled
-#             inference step): each pair multiplies its expert's weights in place, no sort, no
-#             host sync, so a compiled step stays one graph;
+# in one or a few large products. Picked per call by expert_backend, for the hardware and the
+# number of (token, expert) pairs:
+#   gather  - CPU decoding (fewer pairs than experts, or inside a compiled inference step): each
+#             pair multiplies its expert's weights in place, no sort, no host sync, so a compiled
+#             step stays one graph; FP8-stored weights: only the chosen experts' are dequantized;
 #   grouped - torch's grouped GEMM over the sorted pairs: CUDA in bfloat16 (its only dtype
 #             there), and CPU with few pairs per expert;
-#   padded  - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training and FP8.
+#   padded  - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training and FP8
+#             (training: FP8Matmul per expert, the real e4m3 path on Hopper; FP8-stored: the
+#             experts with no rows are skipped).
+
+def expert_backend(is_cuda, dtype, n_pairs, n_experts, fp8, compiling):
+    """'gather', 'grouped' or 'padded' for one call. dtype: the compute dtype (autocast's if on);
+    fp8: None, 'train' (FP8Matmul) or 'stored' (e4m3 weights); compiling: a compiled inference step."""
+    if not is_cuda and fp8 != "train" and (n_pairs < n_experts or compiling):
+        return "gather"
+    # grouped_mm's CUDA kernel (and meta function) takes bfloat16 only: float32 there is padded
+    if hasattr(F, "grouped_mm") and not fp8 and (dtype == torch.bfloat16 if is_cuda else n_pairs < n_experts * 8):
+        return "grouped"
+    return "padded"
+
 
 def fast_experts(self, x, weights, idx):
     """Experts.forward through the back-ends above; same arguments and result as the loop."""
@@ -715,17 +744,18 @@ def fast_experts(self, x, weights, idx):
     if first is not None:                 # local ids; another rank's expert gets id E, weight 0
         mine = (idx >= first) & (idx < first + E)
         idx, weights = torch.where(mine, idx - first, E), weights * mine
-    fp8 = getattr(self, "fp8_train", False) or self.w1.dtype == FP8_DTYPE
+    fp8 = "stored" if self.w1.dtype == FP8_DTYPE else "train" if getattr(self, "fp8_train", False) else None
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
-    if (N * K < E or compiled_inference) and not x.is_cuda and not fp8:
+    backend = expert_backend(x.is_cuda, dtype, N * K, E, fp8, compiled_inference)
+    if backend == "gather":
         return gather_experts(self, x, weights, idx.clamp(max=E - 1))
     flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
     order = flat.argsort(stable=True)                # pairs grouped by expert, id E last
     counts = flat.bincount(minlength=E)[:E]
     if first is not None:
         order = order[:int(counts.sum())]            # drop the other ranks' pairs
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if hasattr(F, "grouped_mm") and not fp8 and (dtype == torch.bfloat16 if x.is_cuda else N * K < E * 8):
+    if backend == "grouped":
         pair = order
         h = grouped_experts(self, x[order // K], counts, dtype)             # (N*K, D)
     else:
@@ -734,7 +764,8 @@ def fast_experts(self, x, weights, idx):
         cap = -(-int(counts.max()) // 64) * 64       # rounded up: few distinct shapes to compile
         pair = torch.full((E, cap), N * K, device=x.device)                 # N*K = padding
         pair[expert, slot] = order
-        h = padded_experts(self, F.pad(x, (0, 0, 0, 1))[pair // K])         # (E, cap, D)
+        used = counts.nonzero().squeeze(1) if fp8 == "stored" else None
+        h = padded_experts(self, F.pad(x, (0, 0, 0, 1))[pair // K], used)  # (E, cap, D)
     w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)                  # 0 for padding
     y = h.new_zeros(N + 1, x.size(1))                                       # row N: padding
     return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
@@ -742,13 +773,19 @@ def fast_experts(self, x, weights, idx):
 
 def gather_experts(self, x, weights, idx):
     """Each token's K experts' weights gathered, one at a time (fewer temporaries alive), and
-    x repeated per expert, so each (token, expert) pair is its own one-row product."""
+    x repeated per expert, so each (token, expert) pair is its own one-row product. FP8-stored
+    weights: the gathered e4m3 blocks and their scales are dequantized, the other experts' not."""
     N, K = idx.shape
-    gather = lambda w: w.index_select(0, idx.flatten()).unflatten(0, (N, K))   # (N, K, *, *)
+
+    def gather(name):                                                           # (N, K, *, *)
+        w = getattr(self, name).index_select(0, idx.flatten())
+        if w.dtype == FP8_DTYPE:
+            w = fp8_dequantize(w, getattr(self, name + "_scale").index_select(0, idx.flatten()), dtype=x.dtype)
+        return w.unflatten(0, (N, K))
     xk = x[:, None].expand(-1, K, -1)                                           # (N, K, D)
-    h = (F.silu(torch.einsum("nkd,nkid->nki", xk, gather(self.w1)))
-         * torch.einsum("nkd,nkid->nki", xk, gather(self.w3)))                   # (N, K, I)
-    y = torch.einsum("nki,nkdi->nkd", h, gather(self.w2))                       # (N, K, D)
+    h = (F.silu(torch.einsum("nkd,nkid->nki", xk, gather("w1")))
+         * torch.einsum("nkd,nkid->nki", xk, gather("w3")))                     # (N, K, I)
+    y = torch.einsum("nki,nkdi->nkd", h, gather("w2"))                          # (N, K, D)
     return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
 
 
@@ -759,11 +796,13 @@ def grouped_experts(self, xs, counts, dtype):
     return mm(F.silu(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
 
 
-def padded_experts(self, buf):
+def padded_experts(self, buf, used=None):
     """buf (E, cap, D): each expert's rows padded to the largest count -> (E, cap, D) by batched
-    matmuls (E * cap - N*K idle rows when the load is uneven)."""
-    mm = lambda t, name: expert_matmul(self, t, name)
-    return mm(F.silu(mm(buf, "w1")) * mm(buf, "w3"), "w2")
+    matmuls (E * cap - N*K idle rows when the load is uneven). used: the experts with rows, the
+    only ones computed (the others' rows are padding, their output zero)."""
+    mm = lambda t, name: expert_matmul(self, t, name, used)
+    ffn = lambda t: mm(F.silu(mm(t, "w1")) * mm(t, "w3"), "w2")
+    return ffn(buf) if used is None else buf.new_zeros(buf.shape).index_copy_(0, used, ffn(buf[used]))
 
 
 Experts.backend = fast_experts

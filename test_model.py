@@ -1487,3 +1487,173 @@ def test_readme_quick_start_trains_then_infers_as_a_user_runs_it(tmp_path):
     assert infer_run.stdout.startswith(infer.DEFAULT_PROMPT) and SUMMARY.search(infer_run.stderr)
     for r in (train, infer_run):
         assert "Traceback" not in r.stderr and "warning" not in r.stderr.lower(), r.stderr[-2000:]
+
+
+# ---- real FP8 and GPU checks (§3.3)
+
+def test_expert_backend_keeps_float32_off_grouped_mm_on_cuda():
+    """Bug 4: on CUDA in float32 (compiled or not) the MoE went through grouped_mm, whose CUDA
+    kernel and meta function take bfloat16 only; the old rule (x.is_cuda or few pairs) chose it."""
+    from model import expert_backend
+    if hasattr(F, "grouped_mm"):
+        with torch.device("meta"):
+            a, b, offs = torch.empty(10, 64), torch.empty(4, 64, 32), torch.tensor([2, 5, 7, 10], dtype=torch.int32)
+            with pytest.raises(RuntimeError, match="BF16"):
+                F.grouped_mm(a, b, offs=offs)
+            assert F.grouped_mm(a.bfloat16(), b.bfloat16(), offs=offs).shape == (10, 32)
+    grouped = "grouped" if hasattr(F, "grouped_mm") else "padded"
+    for compiling in (False, True):
+        assert expert_backend(True, torch.float32, 4096, 8, None, compiling) == "padded"
+        assert expert_backend(True, torch.bfloat16, 4096, 8, None, compiling) == grouped
+        assert expert_backend(True, torch.bfloat16, 4, 8, None, compiling) == grouped   # no gather on CUDA
+        assert expert_backend(True, torch.bfloat16, 4096, 8, "train", compiling) == "padded"
+    assert expert_backend(False, torch.float32, 4, 8, None, False) == "gather"          # CPU decoding
+    assert expert_backend(False, torch.float32, 4096, 8, None, True) == "gather"        # compiled step
+    assert expert_backend(False, torch.float32, 40, 8, None, False) == grouped          # few pairs per expert
+    assert expert_backend(False, torch.float32, 4096, 8, None, False) == "padded"
+    assert expert_backend(False, torch.float32, 4, 8, "stored", False) == "gather"      # FP8 decoding
+    assert expert_backend(False, torch.float32, 4096, 8, "stored", False) == "padded"
+    assert expert_backend(False, torch.float32, 4, 8, "train", False) == "padded"
+
+
+def checked_scaled_mm(calls):
+    """Stands in for fp8_scaled_mm on a CPU: torch's meta function of scaled_mm checks the
+    layouts the real call would pass, then the same e4m3 numbers are multiplied in float32."""
+    import model
+    real = model.fp8_scaled_mm
+
+    def scaled_mm(qa, sa, a_block, qb, sb, b_block):
+        meta = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        assert real(meta(qa), meta(sa), a_block, meta(qb), meta(sb), b_block).shape == (qa.size(0), qb.size(0))
+        calls.append((tuple(qa.shape), tuple(qb.shape)))
+        return fp8_dequantize(qa, sa, a_block) @ fp8_dequantize(qb, sb, b_block).mT
+    return scaled_mm
+
+
+def test_routed_experts_take_the_real_fp8_path_in_all_three_gemms(monkeypatch):
+    """Under --fp8 with the Hopper path forced (layouts checked by torch's meta function), every
+    routed expert's Fprop, Dgrad and Wgrad of w1, w3, w2 is one scaled_mm: 9 per expert per MoE
+    layer, counted as the calls that disappear when the experts leave FP8; and the loss and
+    gradients equal the emulation's (the same e4m3 numbers, float32 sums in another order)."""
+    import model as M
+    if not hasattr(F, "scaled_mm"):
+        pytest.skip("this torch has no scaled_mm")
+    net = random_model(fp8=True, dim=128, moe_inter_dim=128, init_std=0.02).train()
+    tokens = torch.randint(0, 64, (2, 21))
+
+    def run():
+        net.zero_grad()
+        _, losses = net(tokens[:, :-1], tokens[:, 1:])
+        losses["loss"].backward()
+        return losses["loss"].detach(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    emulated = run()
+    calls = []
+    monkeypatch.setattr(M, "fp8_real_available", lambda device: True)
+    monkeypatch.setattr(M, "fp8_scaled_mm", checked_scaled_mm(calls))
+    real = run()
+    assert real[0].item() == pytest.approx(emulated[0].item(), rel=1e-5)
+    assert rel(real[1], emulated[1]) < 1e-4
+    with_experts = len(calls)
+    for m in net.moe_layers():
+        m.experts.fp8_train = False
+    calls.clear()
+    run()
+    E, layers = net.args.n_routed_experts, len(net.moe_layers())   # 2 blocks + the MTP block
+    assert with_experts - len(calls) == 9 * E * layers
+
+
+def test_fp8_gemm_pads_the_contraction_dim_exactly(monkeypatch):
+    """The real path zero-pads K to whole 1x128 tiles (Wgrad over 40 tokens): the same product."""
+    import model as M
+    from model import ACT, fp8_gemm
+    if not hasattr(F, "scaled_mm"):
+        pytest.skip("this torch has no scaled_mm")
+    torch.manual_seed(0)
+    (qa, sa), (qb, sb) = fp8_quantize(torch.randn(2, 128, 40)), fp8_quantize(torch.randn(2, 256, 40))
+    emulated = fp8_gemm(qa, sa, ACT, qb, sb, ACT)
+    calls = []
+    monkeypatch.setattr(M, "fp8_real_available", lambda device: True)
+    monkeypatch.setattr(M, "fp8_scaled_mm", checked_scaled_mm(calls))
+    assert rel(fp8_gemm(qa, sa, ACT, qb, sb, ACT), emulated) < 1e-6
+    assert calls == [((128, 128), (256, 128))] * 2                   # one per expert, K 40 -> 128
+
+
+@pytest.mark.parametrize("n_tokens", [3, 40])   # 6 pairs < 16 experts: gather; 80 pairs: padded
+def test_fp8_stored_experts_dequantize_only_the_experts_used(monkeypatch, n_tokens):
+    import model as M
+    from model import use_fp8
+    moe, args = random_moe(n_routed_experts=16, n_expert_groups=4, n_limited_groups=1)
+    use_fp8(moe, store=True)
+    ex = moe.experts
+    with torch.no_grad():
+        moe.gate.bias[8:] = -10.0              # experts 8-15 never chosen: a step that skips some
+    x = torch.randn(n_tokens, args.dim)
+    w, idx, _ = moe.gate(x)
+    dense = {n: fp8_dequantize(getattr(ex, n), getattr(ex, n + "_scale")) for n in ("w1", "w2", "w3")}
+    ref = torch.zeros_like(x)                  # every expert dequantized, the plain loop
+    for n in range(n_tokens):
+        for k in range(args.n_activated_experts):
+            e = idx[n, k]
+            ref[n] += w[n, k] * (dense["w2"][e] @ (F.silu(dense["w1"][e] @ x[n]) * (dense["w3"][e] @ x[n])))
+    blocks = []
+    dequantize = M.fp8_dequantize
+    monkeypatch.setattr(M, "fp8_dequantize", lambda q, *a, **k: blocks.append(q.size(0)) or dequantize(q, *a, **k))
+    y = ex(x, w, idx)
+    assert rel(y, ref) < 1e-5
+    used = idx.unique().numel()
+    assert used < 16 and sum(blocks) == 3 * (idx.numel() if n_tokens * 2 < 16 else used)
+
+
+def test_fp8_stored_experts_take_the_real_path_on_used_experts_only(monkeypatch):
+    """FP8 inference with the Hopper path forced: one checked scaled_mm per used expert and
+    projection (activations quantized 1x128, the stored 128x128 blocks as they are), within
+    e4m3 rounding of the dequantized path."""
+    import model as M
+    from model import use_fp8
+    if not hasattr(F, "scaled_mm"):
+        pytest.skip("this torch has no scaled_mm")
+    moe, args = random_moe(dim=128, moe_inter_dim=128, n_routed_experts=16, n_expert_groups=4, n_limited_groups=1)
+    use_fp8(moe, store=True)
+    with torch.no_grad():
+        moe.gate.bias[8:] = -10.0
+    x = torch.randn(40, args.dim)
+    w, idx, _ = moe.gate(x)
+    dequantized = moe.experts(x, w, idx)
+    calls = []
+    monkeypatch.setattr(M, "fp8_real_available", lambda device: True)
+    monkeypatch.setattr(M, "fp8_scaled_mm", checked_scaled_mm(calls))
+    assert rel(moe.experts(x, w, idx), dequantized) < 5e-2   # x rounded to e4m3 (~2.5% RMS)
+    assert len(calls) == 3 * idx.unique().numel() < 3 * 16
+
+
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and __import__("model").fp8_real_available("cuda")),
+                            reason="needs a Hopper GPU (block-wise scaled_mm: SM90, CUDA >= 12.9)")
+
+
+@hopper
+def test_real_fp8_gemm_equals_emulation_on_hopper():
+    """Stacked experts through scaled_mm on the GPU against the emulation of the same e4m3
+    numbers: equal up to float32 summation order (each product sums 1x128 tiles in fp32)."""
+    from model import ACT, WEIGHT, fp8_gemm, fp8_scaled_mm
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 100, 256, device="cuda"), torch.randn(4, 384, 256, device="cuda") * 0.05
+    (qx, sx), (qw, sw) = fp8_quantize(x, ACT), fp8_quantize(w, WEIGHT)
+    real = fp8_gemm(qx, sx, ACT, qw, sw, WEIGHT)
+    emulated = fp8_dequantize(qx, sx, ACT) @ fp8_dequantize(qw, sw, WEIGHT).mT
+    assert rel(real, emulated) < 1e-5
+    (qg, sg), (qt, st) = fp8_quantize(torch.randn(4, 384, 100, device="cuda")), fp8_quantize(x.mT)
+    assert rel(fp8_gemm(qg, sg, ACT, qt, st, ACT), fp8_dequantize(qg, sg, ACT) @ fp8_dequantize(qt, st, ACT).mT) < 1e-5
+
+
+@hopper
+def test_fp8_training_step_on_hopper_tracks_cpu_emulation():
+    torch.manual_seed(0)
+    net = random_model(fp8=True, dim=128, moe_inter_dim=128, init_std=0.02).train()
+    tokens = torch.randint(0, 64, (2, 21))
+    losses = []
+    for device in ("cpu", "cuda"):
+        net.to(device).zero_grad()
+        _, out = net(tokens[:, :-1].to(device), tokens[:, 1:].to(device))
+        out["loss"].backward()
+        losses.append(out["loss"].item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
