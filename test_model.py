@@ -1634,7 +1634,7 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and __import__("model
 def test_real_fp8_gemm_equals_emulation_on_hopper():
     """Stacked experts through scaled_mm on the GPU against the emulation of the same e4m3
     numbers: equal up to float32 summation order (each product sums 1x128 tiles in fp32)."""
-    from model import ACT, WEIGHT, fp8_gemm, fp8_scaled_mm
+    from model import ACT, WEIGHT, fp8_gemm
     torch.manual_seed(0)
     x, w = torch.randn(4, 100, 256, device="cuda"), torch.randn(4, 384, 256, device="cuda") * 0.05
     (qx, sx), (qw, sw) = fp8_quantize(x, ACT), fp8_quantize(w, WEIGHT)
