@@ -1017,22 +1017,20 @@ def shard(model, rank, world_size):
         n = p.size(dim) // world_size
         setattr(module, name, nn.Parameter(p.narrow(dim, rank * n, n).clone(), requires_grad=p.requires_grad))
 
+    for name, _ in list(model.named_parameters()):  # the split dims of the checkpoint table NAMES
+        module, _, leaf = name.rpartition(".")
+        if (d := split_dim(name, a.n_layers)) is not None:
+            keep(model.get_submodule(module), leaf, d)
     for m in model.modules():
         if isinstance(m, MLA):
             m.n_heads //= world_size
-            keep(m.wq_b if a.q_lora_rank else m.wq, "weight", 0)
-            keep(m.wkv_b, "weight", 0)
-            keep(m.wo, "weight", 1)
-        elif isinstance(m, MLP):
-            keep(m.w1, "weight", 0), keep(m.w3, "weight", 0), keep(m.w2, "weight", 1)
-        elif isinstance(m, Experts):
+        elif isinstance(m, Experts):  # whole experts per rank
             m.first = rank * (m.w1.size(0) // world_size)
             for name in ("w1", "w2", "w3"):
                 keep(m, name, 0)
         elif isinstance(m, Block):
             m.attn.register_forward_hook(all_reduce)
             m.ffn.register_forward_hook(all_reduce)
-    keep(model.head, "weight", 0)
     model.head.register_forward_hook(all_gather_vocab)
     model.world_size = world_size
     return model
