@@ -645,13 +645,18 @@ class FP8Linear(Linear):
 
     def forward(self, x):
         if self.weight.dtype == FP8_DTYPE:
-            if fp8_real_available(x.device):
-                qx, sx = fp8_quantize(x.flatten(0, -2), ACT)
-                return fp8_gemm(qx, sx, ACT, self.weight, self.scale, WEIGHT, x.dtype).unflatten(0, x.shape[:-1])
-            return F.linear(x, self.dense_weight(x.dtype))
+            return fp8_weight_matmul(x.flatten(0, -2), self.weight, self.scale).unflatten(0, x.shape[:-1])
         if torch.is_grad_enabled():
             return FP8Matmul.apply(x.flatten(0, -2), self.weight).unflatten(0, x.shape[:-1])
         return F.linear(x, self.weight)
+
+
+def fp8_weight_matmul(x, w, scale):
+    """x (..., M, K) @ W^T for an e4m3 weight W (..., N, K) with 128x128 block scales: the e4m3
+    GEMM on Hopper (x quantized per 1x128 tile), elsewhere W dequantized to x's dtype."""
+    if fp8_real_available(x.device):
+        return fp8_gemm(*fp8_quantize(x, ACT), ACT, w, scale, WEIGHT, x.dtype)
+    return x @ fp8_dequantize(w, scale, dtype=x.dtype).mT
 
 
 def expert_matmul(experts, x, name, used=None):
@@ -662,10 +667,7 @@ def expert_matmul(experts, x, name, used=None):
     w = w if used is None else w[used]
     if w.dtype == FP8_DTYPE:
         scale = getattr(experts, name + "_scale")
-        scale = scale if used is None else scale[used]
-        if fp8_real_available(x.device):
-            return fp8_gemm(*fp8_quantize(x, ACT), ACT, w, scale, WEIGHT, x.dtype)
-        return x @ fp8_dequantize(w, scale, dtype=x.dtype).mT
+        return fp8_weight_matmul(x, w, scale if used is None else scale[used])
     if getattr(experts, "fp8_train", False) and torch.is_grad_enabled():
         return FP8Matmul.apply(x, w)
     return x @ w.mT
