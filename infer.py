@@ -241,11 +241,6 @@ class Printer:
             self.start, self.read = self.read, len(ids)
 
 
-class EndOfText(Exception):
-    """Raised from generate's callback at an end token, with the new ids up to it: generate()
-    has no stop condition of its own."""
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -254,35 +249,31 @@ def synchronize(device):
 @torch.inference_mode()
 def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None, end=()):
     """-> (new ids, prefill seconds, decode seconds, stats). Generation stops after max_new_tokens
-    or at the first token in `end` (then the last new id; show() sees the ids before it). The
+    or at the first token in `end`, the last new id then (show() sees the ids before it). The
     prefill ends at generate's first callback (the prompt's forward and the first new token);
     the decode is the rest."""
-    marks, stats, T0, checked = [], {}, len(ids), 0
+    marks, stats, T0 = [], {}, len(ids)
+    end_ids = torch.tensor(end, dtype=torch.long, device=a.device)
+
+    def first_end(new):  # new ids (n,) -> the index of the first end token, or n
+        hit = torch.isin(new, end_ids).nonzero()
+        return int(hit[0]) if len(hit) else len(new)
 
     def callback(out, lengths):
-        nonlocal checked
         if not marks:
             synchronize(a.device)
             marks.append(time.perf_counter())
-        if show is None and not end:
-            return
-        new = out[0, T0:int(lengths[0])].tolist()
-        stop = next((i for i in range(checked, len(new)) if new[i] in end), None)
-        checked = len(new)
         if show is not None:
-            show(new[:stop])
-        if stop is not None:
-            raise EndOfText(new[:stop + 1])
+            new = out[0, T0:int(lengths[0])]
+            show(new[:first_end(new)].tolist())
 
     tokens = torch.tensor([ids], device=a.device)
     synchronize(a.device)
     t0 = time.perf_counter()
-    try:
-        new = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative, top_k=a.top_k,
-                             callback=callback, stats=stats, compile=a.compile)[0, T0:].tolist()
-    except EndOfText as e:
-        new = e.args[0]
+    new = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative, top_k=a.top_k,
+                         callback=callback, stats=stats, compile=a.compile, stop_tokens=end)[0, T0:]
     synchronize(a.device)
+    new = new[:first_end(new) + 1].tolist()  # through the end token, if any
     return new, marks[0] - t0, time.perf_counter() - marks[0], stats
 
 

@@ -896,8 +896,10 @@ def compiled_steps(model):
 
 @torch.inference_mode()
 def generate(model, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculative=False,
-             top_k=0, callback=None, stats=None, compile=False):
-    """Append max_new_tokens to tokens (B, T0) -> (B, T0 + max_new_tokens). The prompt goes
+             top_k=0, callback=None, stats=None, compile=False, stop_tokens=()):
+    """Append max_new_tokens to tokens (B, T0) -> (B, T0 + max_new_tokens), or fewer once every
+    row has produced one of stop_tokens (what follows a row's first stop token is unspecified:
+    more tokens, or zeros where a speculative row lags the others). The prompt goes
     through in one forward (expanded attention, filling the cache), then each step feeds only
     the new token(s) through the absorbed form. speculative=True drafts with the first MTP
     module and verifies in the main model; greedy output is unchanged and sampled output
@@ -930,6 +932,16 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculat
     n = torch.full((B,), T0 + 1, device=tokens.device)  # tokens known per row
     if callback:
         callback(out[:, :total], n)
+    stop = torch.tensor(stop_tokens, dtype=torch.long, device=tokens.device)
+    cols = torch.arange(total, device=tokens.device)
+
+    def ended():  # every row holds a stop token among its new tokens
+        if not len(stop_tokens):
+            return False
+        new = (cols >= T0) & (cols < n[:, None])                                 # (B, total)
+        return bool((torch.isin(out[:, :total], stop) & new).any(1).all())
+    if ended():
+        return out[:, :T0 + 1]
     # Within one generate the steps' inputs change values, never shapes, dtypes or constants:
     # only the first call of each loop (which may compile) checks dynamo's guards.
     unguarded = lambda later: (torch.compiler.set_stance(skip_guard_eval_unsafe=True)
@@ -939,8 +951,11 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculat
             p = torch.full((B, 1), t - 1, device=tokens.device)
             with unguarded(t > T0 + 1):
                 out[:, t] = tok = step(tok[:, None], p, span(t), temperature, top_p, top_k)
+            n.fill_(t + 1)
             if callback:
-                callback(out[:, :total], n.fill_(t + 1))
+                callback(out[:, :total], n)
+            if ended():
+                return out[:, :t + 1]
         return out[:, :total]
 
     # MTP prefill: position i pairs the main hidden state h_i with Emb(t_{i+1}) -> draft t_{i+2}
@@ -957,6 +972,8 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_p=1.0, speculat
             stats["accepted"] = stats.get("accepted", 0) + int(accept.sum())
         if callback:
             callback(out[:, :total], n)
+        if ended():
+            return out[:, :int(n.max())]
     return out[:, :total]
 
 

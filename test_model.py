@@ -493,6 +493,23 @@ def test_speculative_greedy_equals_plain_greedy(memorizer):
     assert torch.equal(plain[0, 6:30], seq[0, 6:30])  # the memoriser does recite
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_generation_stops_once_every_row_has_a_stop_token(memorizer, speculative):
+    """Stop tokens picked from the full greedy output: generation ends at the step where the last
+    row reaches one (a speculative round may add one token after it), and each row returned is
+    the full output's up to its first stop token."""
+    model, seq = memorizer
+    prompt = torch.cat([seq[:, :6], seq[:, 10:16]])
+    full = model.generate(prompt, 30)
+    stop = (int(full[0, 12]), int(full[1, 9]))
+    first = [next(t for t in range(6, 36) if int(full[b, t]) in stop) for b in range(2)]  # hand-found
+    out = model.generate(prompt, 30, speculative=speculative, stop_tokens=stop)
+    assert max(first) + 1 <= out.size(1) <= max(first) + 1 + speculative
+    for b in range(2):
+        assert torch.equal(out[b, :first[b] + 1], full[b, :first[b] + 1])
+    assert model.generate(prompt, 30, stop_tokens=(64,)).shape == full.shape   # never sampled: runs to the end
+
+
 def test_static_shape_generation_equals_plain_greedy(memorizer, monkeypatch):
     """generate(compile=True) with torch.compile as the identity: the static-shape steps (whole
     cache, fused speculative step) give the tokens of plain greedy decoding."""
@@ -1181,11 +1198,13 @@ class ScriptedModel:
     def __init__(self, steps):
         self.steps, self.calls = steps, 0
 
-    def generate(self, tokens, max_new_tokens, *args, callback=None, **kw):
+    def generate(self, tokens, max_new_tokens, *args, callback=None, stop_tokens=(), **kw):
         for new in self.steps:
             self.calls += 1
             out = torch.tensor([tokens[0].tolist() + new])
             callback(out, torch.tensor([out.shape[1]]))
+            if any(t in stop_tokens for t in new):  # as Transformer.generate stops
+                break
         return out
 
 
