@@ -9,11 +9,11 @@ Part 1, the model: the architecture alone, bottom-up, every piece before its use
     Transformer .......... trunk, forward with its losses (eq. 17-20, 25), the bias update
 Part 2, the engineering, each section acting on the built model from outside:
     FP8 .................. §3.3: 1x128 activation tiles, 128x128 weight blocks, e4m3, fp32 accumulation;
-                           the Hopper scaled_mm path and FP8 weight storage
+                           the Hopper tensor-core path and FP8 weight storage
     expert back-ends ..... one grouped or batched GEMM instead of part 1's loop over experts
-    generation ........... latent KV cache, plain / MTP speculative / compiled steps, sampling (§2.2, §5.4.3)
+    generation ........... latent KV cache, plain and MTP speculative decoding, sampling (§2.2, §5.4.3)
     parallelism .......... tensor-parallel attention and FFN, expert-parallel MoE (§3.4), applied by shard()
-    checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 block-scaled safetensors)
+    checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 with 128x128 block scales)
     accounting ........... parameters, FLOPs and KV-cache bytes without allocating (meta device)
 
 Shape letters: B batch, T query tokens, S cached keys, D model dim, H heads, C kv_lora_rank,
@@ -696,7 +696,7 @@ def use_fp8(model, store=False):
 
 def fp8_real_available(device):
     """Hardware FP8 with block scales: torch's scaled_mm with BlockWise scaling, which torch 2.13
-    supports on SM90 (Hopper) with CUDA >= 12.9 only (elsewhere it raises NotImplementedError)."""
+    supports on SM90 (Hopper) with CUDA >= 12.9 only (torch refuses it elsewhere)."""
     device = torch.device(device)
     if device.type != "cuda" or not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
         return False
