@@ -1422,3 +1422,86 @@ def kv_bytes_per_token(args, bytes_per_number=2):
     (speculative decoding runs them). V3 in BF16: 62 x 576 x 2 = 71,424 bytes (61 x 576 x 2 = 70,272
     for the main model alone)."""
     return (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * bytes_per_number
+
+
+def activation_bytes(args, batch_size, seq_len, autocast=True, attention="fused", expert_rows=1.0):
+    """Bytes that autograd keeps from the forward to the backward of one training micro-batch, by
+    component, counted tensor by tensor from what this file's forward saves (checked against
+    saved_tensors_hooks and a measured CPU peak by the tests). Per token (N = batch_size * seq_len):
+    - precision: autocast=True is bf16 autocast (c = 2 bytes per matmul activation, each Linear
+      saving its own bf16 copy of a shared input, bf16 weight copies); False is float32, and also
+      --fp8, whose FP8Matmul saves its float32 input and returns float32 (the e4m3 copies are
+      transient); norms, residual stream, gate, losses are float32 (f = 4) either way;
+    - MLA: norms (input, 1/rms, normed) and the inputs of wq_a/wkv_a, wq_b, wkv_b, wo; attention
+      "fused" (CUDA flash/memory-efficient kernels): q, k, the kv_b output that v views, the output
+      and its log-sum-exp, never the T x T matrix; "math" (the CPU path when qk and v head dims
+      differ): float32 q, k, v and the full (T, T) probabilities of every head;
+    - MoE: per routed row (D + 3I as the brief would have it, here 4D + 4I: w1 and w3 each save a
+      copy of the input under autocast, and index_add saves its source h * g beside h) times
+      K * expert_rows rows per token: 1.0 for the grouped back-end (exactly N*K rows, CUDA bf16),
+      E * cap / (N*K) for the padded one (CPU, --fp8), cap the largest expert load rounded up to 64;
+      plus the gate and the shared expert;
+    - the MTP module (two norms, eh_proj, one MoE block) on T - 1 positions, and the logits:
+      float32 log-softmax of the main and MTP heads, and the main logits the caller holds."""
+    a, N, T = args, batch_size * seq_len, seq_len
+    f, c = 4, 2 if autocast else 4
+    D, H, V = a.dim, a.n_heads, a.vocab_size
+    copies = lambda k: k * c if autocast else f    # the saved input of k Linears fed by one tensor
+
+    def norm(w, out_bytes, k):                     # RMSNorm: input, 1/rms, normed, Linear inputs
+        return f * w + f + out_bytes * w + copies(k) * w
+
+    def mlp(w):                                    # SwiGLU: w1 out, silu out, w3 out, w2 input
+        return 4 * c * w
+
+    def mla():
+        q = norm(a.q_lora_rank, c, 1) if a.q_lora_rank else 0
+        kv = norm(a.kv_lora_rank, c, 1) + (0 if autocast else f * a.qk_rope_head_dim)
+        if attention == "fused":
+            att = c * (2 * H * a.qk_head_dim + H * (a.qk_nope_head_dim + a.v_head_dim) + H * a.v_head_dim) + f * H
+        else:
+            att = f * (2 * H * a.qk_head_dim + H * a.v_head_dim + H * T)
+        return norm(D, f, 2) + q + kv + att + c * H * a.v_head_dim  # + wo's input
+
+    def moe():
+        E, K, I, G = a.n_routed_experts, a.n_activated_experts, a.moe_inter_dim, a.n_expert_groups
+        row = (c * (4 * D + 4 * I) if autocast else f * (3 * D + 4 * I)) + c + 3 * 8  # + gating weight, indices
+        gate = f * E + 8 * (2 * G + a.n_limited_groups + K) + G + f * (K + 2)
+        shared = mlp(a.n_shared_experts * I) + (2 * c * D if autocast else 0) if a.n_shared_experts else 0
+        return norm(D, f, 0) + f * D + gate + shared + K * expert_rows * row
+
+    dense = norm(D, f, 2) + mlp(a.inter_dim)
+    n_moe = a.n_layers - a.n_dense_layers if a.n_routed_experts else 0
+    block_moe = mla() + moe() if a.n_routed_experts else mla() + dense
+    mtp = 2 * norm(D, f, 0) + copies(1) * 2 * D + block_moe + norm(D, f, 1) + f * V
+    out = {"attention": a.n_layers * mla() * N,
+           "dense FFN": (a.n_layers - n_moe) * dense * N,
+           "MoE": n_moe * moe() * N,
+           "MTP module": a.n_mtp * mtp * (N - batch_size),
+           "head and logits": (norm(D, f, 1) + (c + f) * V + 8) * N}
+    return {k: int(v) for k, v in out.items()}
+
+
+def training_memory(args, batch_size, seq_len, autocast=True, attention="fused", expert_rows=1.0, grad_accum=1):
+    """Bytes of one training step: float32 weights, gradients and the two AdamW moments; autocast's
+    bf16 copy of every matmul weight (made once per forward, kept for the backward); the
+    activations above; and the backward's first transient, the float32 gradients of the main and
+    MTP log-softmax (2 x N x V x 4 bytes). Peak: at the start of the backward, weights + moments +
+    copies + activations + transient (gradients are None then: zero_grad sets them so, and each
+    one is allocated as the activations before it are freed), or at its end, weights + moments +
+    gradients, whichever is larger; with grad_accum > 1 the later micro-batches run beside the
+    gradients. Measured on CPU the peak lands within a few per cent of this."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    n = sum(p.numel() for p in model.parameters())
+    matmul = sum(p.numel() for name, p in model.named_parameters()
+                 if p.dim() >= 2 and "embed" not in name and "gate" not in name)
+    act = activation_bytes(args, batch_size, seq_len, autocast, attention, expert_rows)
+    out = {"weights": 4 * n, "gradients": 4 * n, "AdamW moments": 8 * n,
+           "bf16 weight copies": 2 * matmul if autocast else 0, **act,
+           "logits gradient": 2 * batch_size * seq_len * args.vocab_size * 4}
+    forward = out["bf16 weight copies"] + sum(act.values()) + out["logits gradient"]
+    out["activations total"] = sum(act.values())
+    grads = out["gradients"]
+    out["peak"] = out["weights"] + out["AdamW moments"] + (forward + grads if grad_accum > 1 else max(forward, grads))
+    return out

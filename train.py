@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, accounting, atomic_write
+from model import ModelArgs, Transformer, accounting, atomic_write, training_memory
 
 # ------------------------------------------------------------------------------ the recipe
 # DeepSeek-V3's pre-training recipe (§4.2; FIM §4.1): the paper's rules, with the sizes scaled
@@ -427,6 +427,16 @@ def parse_args(argv=None):
         die(f"--preset {a.preset}: {e}")
 
 
+# The report's cost (DeepSeek-V3 technical report, §1 and Table 1): 180K H800 GPU hours per
+# trillion training tokens. The peaks it is held against are NVIDIA's dense (no sparsity) H800
+# SXM figures, the same as H100 SXM: ~989 TFLOP/s BF16, ~1979 TFLOP/s FP8.
+GPU_HOURS_PER_TRILLION_TOKENS = 180e3
+H800_PEAK = {"BF16": 989e12, "FP8": 1979e12}
+GPU_BYTES = 81559 * 2**20  # an "80 GB" H100/H800/A100 as torch reports it (79.6 GiB)
+GPU_RESERVE = 2 * 2**30    # the CUDA context, cuBLAS workspaces and allocator fragmentation
+PADDED_ROWS = 2.0          # padded expert back-end: the largest expert load taken as 2x the mean
+
+
 def dry_run(a, margs):
     """Accounting from the shapes alone, so even the 671B preset costs nothing to inspect."""
     acc = accounting(margs, a.seq_len)
@@ -436,14 +446,39 @@ def dry_run(a, margs):
     print(f"parameters  {human(acc['params_total'])} main model ({human(acc['params_active'])} active per token, "
           f"{human(acc['params_embedding'])} embedding) + {human(acc['params_mtp'])} MTP")
     print(f"compute     {flops:.4g} training FLOPs per token (6 x active params + attention)")
+    if a.preset == "deepseek-v3":  # what the report's 180K GPU hours per trillion tokens imply
+        sustained = flops * 1e12 / (GPU_HOURS_PER_TRILLION_TOKENS * 3600)
+        print(f"report cost {GPU_HOURS_PER_TRILLION_TOKENS / 1e3:.0f}K H800 GPU hours per 1T tokens "
+              f"({GPU_HOURS_PER_TRILLION_TOKENS * 14.8 / 1e6:.3f}M for 14.8T) -> {sustained / 1e12:.0f} TFLOP/s "
+              f"sustained per GPU = " + ", ".join(f"{sustained / peak:.1%} of {kind} dense peak ({peak / 1e12:.0f})"
+                                                  for kind, peak in H800_PEAK.items()))
     print(f"KV cache    {kv:,} bytes per token (bf16, the MTP layers included), "
           f"{human_bytes(kv * a.seq_len)} per {a.seq_len}-token sequence")
-    print(f"memory      weights + grads + AdamW moments = total, {human(n)} parameters, activations not counted")
+    print(f"memory      weights + grads + AdamW moments = total, {human(n)} parameters")
     for name, b in (("float32", 4), ("bfloat16", 2)):
         w, m = human_bytes(n * b), human_bytes(2 * n * b)
         print(f"  {name:<9} {w} + {w} + {m} = {human_bytes(4 * n * b)}")
+    # one micro-batch on a CUDA GPU: bf16 autocast runs the grouped expert back-end (N*K rows);
+    # float32 and --fp8 keep float32 activations and run the padded one
+    autocast, padded = a.dtype == "bfloat16" and not a.fp8, a.fp8 or a.dtype != "bfloat16"
+    mem = training_memory(margs, a.batch_size, a.seq_len, autocast, "fused", PADDED_ROWS if padded else 1.0, a.grad_accum)
+    precision = "--fp8 (float32 activations)" if a.fp8 else "bf16 autocast" if autocast else "float32"
+    print(f"activations {human_bytes(mem['activations total'])} per micro-batch of {a.batch_size} x {a.seq_len}, "
+          f"{precision}, on a CUDA GPU (fused attention; "
+          + (f"padded experts, largest load {PADDED_ROWS:g}x the mean)" if padded else "grouped experts)"))
+    print("  " + ", ".join(f"{k} {human_bytes(mem[k])}" for k in
+                           ("attention", "dense FFN", "MoE", "MTP module", "head and logits")))
+    fits = mem["peak"] <= GPU_BYTES - GPU_RESERVE
+    print(f"peak        {human_bytes(mem['peak'])} = weights {human_bytes(mem['weights'])} + AdamW "
+          f"{human_bytes(mem['AdamW moments'])} + " + (f"bf16 weight copies {human_bytes(mem['bf16 weight copies'])} + "
+                                                        if autocast else "")
+          + f"activations + logits gradient {human_bytes(mem['logits gradient'])}"
+          + (f" + gradients {human_bytes(mem['gradients'])} (--grad-accum {a.grad_accum})" if a.grad_accum > 1 else "")
+          + f"; {'fits' if fits else 'does NOT fit'} an 80 GB GPU ({human_bytes(GPU_BYTES)}, "
+          f"{human_bytes(GPU_RESERVE)} kept for the CUDA context)")
     print(f"this run    {tokens:,} tokens/step x {a.max_steps} steps = {human(tokens * a.max_steps)} tokens, "
           f"{flops * tokens * a.max_steps:.3g} FLOPs")
+    return mem
 
 
 # ------------------------------------------------------------------------------ training
