@@ -1757,6 +1757,8 @@ def test_dry_run_small_preset_fits_80gb_in_bf16_and_says_fp8_needs_a_smaller_bat
     assert bf16["peak"] < limit and half["peak"] < limit < fp8["peak"]
     assert out.count("does NOT fit an 80 GB GPU") == 1 and out.count("fits an 80 GB GPU") == 2
     assert fp8["MoE"] > 2 * bf16["MoE"]  # float32 rows, twice as many
+    defaults = main(["--dry-run", "--preset", "small", "--fp8"])  # --fp8's own defaults: 16 x 1024, 2 micro-batches
+    assert defaults["peak"] == half["peak"] < limit and "32,768 tokens/step" in capsys.readouterr().out
 
 
 def test_dry_run_states_the_sustained_flops_the_reported_gpu_hours_imply(capsys):

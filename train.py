@@ -51,9 +51,12 @@ from model import ModelArgs, Transformer, accounting, atomic_write, training_mem
 #   15360 sequences of 4096 tokens a step          PRESET_DEFAULTS (the paper ramps it up from 3072)
 #   Fill-in-the-Middle, PSM, 10% of the documents  FIM_RATE, epoch_stream()
 BETAS, CLIP = (0.9, 0.95), 1.0
-PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3),  # flags left unset take these
-                   "small": dict(batch_size=32, seq_len=1024, lr=1e-3),
-                   "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4)}
+PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3, grad_accum=1),  # for flags left unset
+                   "small": dict(batch_size=32, seq_len=1024, lr=1e-3, grad_accum=1),
+                   "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4, grad_accum=1)}
+# --fp8 keeps float32 activations (FP8Matmul saves its input): the same tokens per step in two
+# micro-batches, so that `python train.py --fp8` on one 80 GB GPU fits (dry run: 66 GiB, not 118)
+FP8_DEFAULTS = {"small": dict(batch_size=16, grad_accum=2)}
 FIM_RATE = 0.1
 DEFAULT_MAX_STEPS = 900  # `python train.py`: minutes on a laptop CPU, not hours
 VAL_FRACTION = 0.025  # share of the files held out for validation
@@ -382,7 +385,7 @@ def get_parser():
     add("--stop-at", type=positive_int, help="stop with a checkpoint after this step, schedule unchanged; continue with --resume")
     add("--batch-size", type=positive_int, help="sequences per micro-batch (default: per preset)")
     add("--seq-len", type=positive_int, help="tokens (bytes) per sequence (default: per preset)")
-    add("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default: 1)")
+    add("--grad-accum", type=positive_int, help="micro-batches per optimizer step (default: 1; 2 for small with --fp8)")
     add("--lr", type=number(float, 0, strict=True), help="peak learning rate (default: per preset)")
     add("--min-lr-frac", type=fraction, default=0.1, help="final LR / peak LR (§4.2: 2.2e-5 / 2.2e-4; default: 0.1)")
     add("--warmup-steps", type=count, help="linear warmup steps (default: 5%% of --max-steps)")
@@ -417,7 +420,8 @@ def parse_args(argv=None):
         a = parser.parse_args(argv, namespace=argparse.Namespace(**read_checkpoint(a.out, False)[0]["args"]))
     a.device = pick_device(a.device)
     a.preset = a.preset or ("small" if a.device.type == "cuda" else "tiny")
-    for k, v in PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"]).items():
+    defaults = PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"])
+    for k, v in {**defaults, **(FP8_DEFAULTS.get(a.preset, {}) if a.fp8 else {})}.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.warmup_steps = max(1, a.max_steps // 20) if a.warmup_steps is None else a.warmup_steps
     overrides = {**({} if a.mtp is None else {"n_mtp": a.mtp}), **({"fp8": True} if a.fp8 else {})}
