@@ -1436,8 +1436,8 @@ def activation_bytes(args, batch_size, seq_len, autocast=True, attention="fused"
       "fused" (CUDA flash/memory-efficient kernels): q, k, the kv_b output that v views, the output
       and its log-sum-exp, never the T x T matrix; "math" (the CPU path when qk and v head dims
       differ): float32 q, k, v and the full (T, T) probabilities of every head;
-    - MoE: per routed row (D + 3I as the brief would have it, here 4D + 4I: w1 and w3 each save a
-      copy of the input under autocast, and index_add saves its source h * g beside h) times
+    - MoE: per routed row 4D + 4I numbers (not D + 3I: w1 and w3 each save a copy of the input
+      under autocast, and index_add saves its source h * g beside h) times
       K * expert_rows rows per token: 1.0 for the grouped back-end (exactly N*K rows, CUDA bf16),
       E * cap / (N*K) for the padded one (CPU, --fp8), cap the largest expert load rounded up to 64;
       plus the gate and the shared expert;
