@@ -66,6 +66,7 @@ class ModelArgs:
     route_scale: float = 2.5           # routed_scaling_factor
     norm_topk_prob: bool = True        # eq. 15: normalise the K chosen affinities
     balance_alpha: float = 1e-4        # α of the sequence-wise balance loss, eq. 17-20
+    balance_scope: str = "sequence"    # f, P of eq. 18-19 per "sequence" (§2.1.2) or per "batch" (§4.5.3)
     bias_update_speed: float = 1e-3    # γ of the aux-loss-free bias update (§2.1.2, §4.2)
     # mtp (§2.2)
     n_mtp: int = 1                     # D, MTP depth; V3 uses 1
@@ -96,6 +97,8 @@ class ModelArgs:
                              "n_expert_groups and 0 < n_activated_experts <= n_limited_groups * experts per group")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+        if self.balance_scope not in ("sequence", "batch"):
+            raise ValueError(f"balance_scope must be 'sequence' or 'batch', got {self.balance_scope!r}")
 
     @property
     def qk_head_dim(self):
@@ -385,8 +388,10 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     """h = x + sum_i g_i FFN_i^routed(x) + FFN^shared(x) (eq. 12). In training it also counts
-    the tokens per expert (`load`, summed until the next bias update) and computes the
-    complementary sequence-wise balance loss (eq. 17-20) into `balance_loss`."""
+    the tokens per expert (`load`, summed until the next bias update) and computes the balance
+    loss alpha * sum_i f_i P_i (eq. 17-20) into `balance_loss`: per sequence and averaged over
+    the sequences (V3's complementary loss, and DeepSeek-V2's expert-level loss with a larger α),
+    or over the whole batch at once (balance_scope "batch", §4.5.3)."""
 
     def __init__(self, args):
         super().__init__()
@@ -412,10 +417,14 @@ class MoE(nn.Module):
             # f counts the experts the tokens were actually sent to (biased and group-limited
             # selection), the load the loss is meant to even out; eq. 18 read literally takes the
             # top-K of the unbiased s. They agree while the bias is small; f carries no gradient.
-            chosen = torch.zeros(B, a.n_routed_experts, device=x.device)
-            chosen.scatter_add_(1, idx.view(B, -1), torch.ones(B, T * idx.size(1), device=x.device))
-            f = chosen * a.n_routed_experts / (a.n_activated_experts * T)             # (B, E)
-            P = (s / s.sum(-1, keepdim=True)).view(B, T, -1).mean(1)                 # (B, E)
+            # The batch-wise loss (§4.5.3) is the same formula over one "sequence" of all B*T
+            # tokens: a sequence may then lean on a few experts as long as the batch is even.
+            S = B if a.balance_scope == "sequence" else 1                    # groups f, P run over
+            L = B * T // S                                                    # tokens per group
+            chosen = torch.zeros(S, a.n_routed_experts, device=x.device)
+            chosen.scatter_add_(1, idx.view(S, -1), torch.ones(S, L * idx.size(1), device=x.device))
+            f = chosen * a.n_routed_experts / (a.n_activated_experts * L)             # (S, E)
+            P = (s / s.sum(-1, keepdim=True)).view(S, L, -1).mean(1)                 # (S, E)
             self.balance_loss = a.balance_alpha * (f * P).sum(-1).mean()
         return y.view(B, T, D)
 

@@ -364,6 +364,107 @@ def test_balance_loss_counts_only_the_layers_that_ran():
     L["loss"].backward()                                       # no stale graph from the first call
 
 
+# ---------------------------------------------------------------------------- balancing modes and the ablation study
+
+# A hand-made routing: 2 sequences of 2 tokens, 4 experts, 1 chosen per token. The scores sum to 2
+# per token (sigmoid scores need not sum to 1), so s' = s / sum(s) halves them.
+HAND_S = 2 * torch.tensor([[.4, .3, .2, .1], [.1, .2, .3, .4],       # sequence 0: experts 0, 3
+                           [.7, .1, .1, .1], [.5, .2, .2, .1]])      # sequence 1: experts 0, 0
+HAND_IDX = torch.tensor([[0], [3], [0], [0]])
+# per sequence (eq. 17-20): f = E/(K T) * counts, P = mean_t s'
+#   sequence 0: f = 2 * [1, 0, 0, 1], P = [.25, .25, .25, .25]   -> sum f P = 1.0
+#   sequence 1: f = 2 * [2, 0, 0, 0], P = [.6, .15, .15, .1]     -> sum f P = 2.4; mean 1.7
+# per batch (§4.5.3): f = 4/(1*4) * [3, 0, 0, 1], P = [.425, .2, .2, .175] -> 3*.425 + .175 = 1.45
+HAND_LOSS = {"sequence": 1.7, "batch": 1.45}
+
+
+@pytest.mark.parametrize("mode", ["aux-free", "aux-loss", "batch-aux", "none"])
+def test_balance_mode_loss_and_bias_speed_match_hand_computation(mode):
+    import train
+    a, margs = train.parse_args(["--balance", mode])
+    want_alpha, want_scope = {"aux-free": (1e-4, "sequence"), "aux-loss": (0.003, "sequence"),
+                              "batch-aux": (0.003, "batch"), "none": (0.0, "sequence")}[mode]
+    assert (margs.balance_alpha, margs.balance_scope) == (want_alpha, want_scope)
+    assert train.bias_update_speed(a, margs) == (0.01 if mode == "aux-free" else 0.0)  # tiny's γ, or none
+    moe = MoE(small_args(dim=8, n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=1,
+                         balance_alpha=margs.balance_alpha, balance_scope=margs.balance_scope)).train()
+    moe.gate.forward = lambda x: (torch.ones(4, 1), HAND_IDX, HAND_S)
+    moe(torch.randn(2, 2, 8))
+    assert moe.balance_loss.item() == pytest.approx(want_alpha * HAND_LOSS[want_scope], rel=1e-6, abs=1e-12)
+
+
+def test_default_balance_mode_gives_the_values_recorded_before_the_modes():
+    """Three AdamW steps with bias updates, then the losses, logits and a routing bias: the numbers
+    printed by the code before --balance existed (commit 2ff7951), on this CPU in float32."""
+    torch.manual_seed(0)
+    model = Transformer(small_args(init_std=0.02, balance_alpha=0.01)).train()
+    tokens = torch.randint(0, 64, (2, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        _, L = model(tokens[:, :-1], tokens[:, 1:])
+        opt.zero_grad()
+        L["loss"].backward()
+        opt.step()
+        model.update_bias(0.01)
+    logits, L = model(tokens[:, :-1], tokens[:, 1:])
+    recorded = dict(ce=2.472090005874634, mtp=2.595890998840332, balance=0.03036804497241974, loss=3.2812254428863525)
+    assert {k: L[k].item() for k in recorded} == pytest.approx(recorded, rel=1e-5)
+    assert logits.double().sum().item() == pytest.approx(-471.21393478265963, rel=1e-5)
+    assert torch.allclose(model.moe_layers()[0].gate.bias, torch.tensor([1., 0, -1, 1, 1, 1, 1, 1]) * 0.01)
+    import train
+    a, margs = train.parse_args([])  # the default mode keeps the preset's α, γ and per-sequence scope
+    assert a.balance == "aux-free" and margs == ModelArgs.from_preset("tiny") and train.bias_update_speed(a, margs) == 0.01
+
+
+def test_bias_update_speed_with_a_mode_without_bias_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--balance", "aux-loss", "--bias-update-speed", "0.01"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--bias-update-speed" in err[0] and "aux-loss" in err[0]
+
+
+def test_each_balance_mode_trains_and_resume_keeps_it(data_dir, tmp_path):
+    """Smoke: every mode for 2 steps, in-process (a subprocess each costs seconds of start-up);
+    aux-loss resumed to 3 steps without --balance. At step 1 all runs share weights and data, so
+    their balance losses differ by α alone."""
+    flags = [*FAST, "--data", str(data_dir), "--max-steps", "2", "--eval-interval", "2"]
+    modes = ["aux-free", "aux-loss", "batch-aux", "none"]
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    try:  # main() switches on deterministic kernels for the process; give the other tests theirs back
+        for m in modes:
+            main([*flags, "--balance", m, "--out", str(tmp_path / m)])
+        main(["--resume", "--max-steps", "3", "--out", str(tmp_path / "aux-loss")])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    metrics = {m: [json.loads(line) for line in (tmp_path / m / "metrics.jsonl").read_text().splitlines()] for m in modes}
+    assert [r["step"] for r in metrics["aux-loss"]] == [1, 2, 3]
+    first = {m: metrics[m][0]["balance_loss"] for m in modes}
+    assert first["aux-loss"] == pytest.approx(30 * first["aux-free"], rel=1e-5)  # α 0.003 vs 1e-4
+    assert first["none"] == 0 and first["batch-aux"] > 0
+    assert all(r["balance_loss"] > 0 for r in metrics["aux-loss"])           # still α 0.003 after --resume
+    state = json.loads((tmp_path / "aux-loss" / "train_state.json").read_text())
+    assert state["step"] == 3 and state["args"]["balance"] == "aux-loss"
+    assert json.loads((tmp_path / "aux-loss" / "config.json").read_text())["aux_loss_alpha"] == 0.003
+    for m in modes:  # only aux-free moves the routing bias
+        bias = load_file(tmp_path / m / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"]
+        assert bool(bias.any()) == (m == "aux-free"), m
+
+
+def test_specialisation_is_the_mean_total_variation_between_domains():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ablations", Path(__file__).parent / "docs" / "ablations.py")
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+    same = [[[5, 5, 0, 0]], [[1, 1, 0, 0]]]                     # 2 domains, 1 layer: same shares
+    apart = [[[4, 0, 0, 0]], [[0, 0, 2, 2]]]                    # no expert in common
+    assert ablations.specialisation(same) == 0 and ablations.specialisation(apart) == 1
+    # 3 domains, 2 layers. Layer 0: d0 = [.5, .5], d1 = [1, 0], d2 = [.5, .5] -> TV .5, 0, .5;
+    # layer 1: all [.5, .5] -> 0. Mean over the 3 pairs and 2 layers: (1/3 + 0) / 2.
+    loads = [[[1, 1], [2, 2]], [[2, 0], [1, 1]], [[3, 3], [5, 5]]]
+    assert ablations.specialisation(loads) == pytest.approx(1 / 6)
+
+
 # ---------------------------------------------------------------------------- FP8 (§3.3)
 
 @pytest.mark.parametrize("block", [(1, 128), (128, 128), (128, 1)])

@@ -374,6 +374,33 @@ def logged_by(line, step):
         return False
 
 
+# ------------------------------------------------------------------------------ balancing modes
+# --balance picks how the routed experts are kept evenly loaded, for the ablations of §4.5.2-3:
+# each mode sets the bias update speed γ and the balance loss α * sum_i f_i P_i (eq. 17-20), with
+# f and P taken per sequence or over the whole batch. AUX_ALPHA is DeepSeek-V2's expert-level
+# balance factor α1 = 0.003 (arXiv 2405.04434, §3.1.2), the baseline V3's Table 5 compares against;
+# taken as it is, since sum_i f_i P_i is 1 at perfect balance whatever the number of experts, and
+# the presets already scale the learning rate through which the loss acts.
+AUX_ALPHA = 0.003
+BALANCE = {  # mode -> (help, ModelArgs overrides, whether the routing bias is updated)
+    "aux-free": ("§2.1.2, the default: bias update with speed γ plus the complementary sequence-wise "
+                 "loss with the preset's tiny α (1e-4)", {}, True),
+    "aux-loss": (f"§4.5.2 (Table 5's baseline): DeepSeek-V2's expert-level auxiliary loss per sequence, "
+                 f"α {AUX_ALPHA}, no bias", dict(balance_alpha=AUX_ALPHA), False),
+    "batch-aux": (f"§4.5.3: the auxiliary loss with f and P over the whole batch, α {AUX_ALPHA}, no bias",
+                  dict(balance_alpha=AUX_ALPHA, balance_scope="batch"), False),
+    "none": ("no balancing: no bias update, no balance loss (the floor the others are measured against)",
+             dict(balance_alpha=0.0), False),
+}
+
+
+def bias_update_speed(a, margs):
+    """γ of this run: the preset's or --bias-update-speed in mode aux-free, else 0."""
+    if a.no_bias_update or not BALANCE[a.balance][2]:
+        return 0.0
+    return margs.bias_update_speed if a.bias_update_speed is None else a.bias_update_speed
+
+
 # ------------------------------------------------------------------------------ arguments
 def get_parser():
     p = Parser(prog="train.py", description="Train DeepSeek-V3 on bytes; the docstring of train.py has examples.")
@@ -396,6 +423,8 @@ def get_parser():
     add("--mtp-weight-late", type=nonneg, default=0.1, help="λ after --decay-start (§4.2; default: 0.1)")
     add("--bias-update-speed", type=nonneg, help="γ of the aux-loss-free routing bias update (default: the preset's; §4.2: 0.001)")
     add("--no-bias-update", action="store_true", help="γ = 0: freeze the routing bias (ablation)")
+    add("--balance", choices=list(BALANCE), default="aux-free", help="expert load balancing: "
+        + "; ".join(f"{k} = {v[0]}" for k, v in BALANCE.items()) + " (default: %(default)s)")
     add("--eval-interval", type=positive_int, default=100, help="steps between validations (default: 100)")
     add("--eval-batches", type=positive_int, default=8, help="validation batches (default: 8)")
     add("--save-interval", type=positive_int, default=200, help="steps between checkpoints (default: 200)")
@@ -424,7 +453,9 @@ def parse_args(argv=None):
     for k, v in {**defaults, **(FP8_DEFAULTS.get(a.preset, {}) if a.fp8 else {})}.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     a.warmup_steps = max(1, a.max_steps // 20) if a.warmup_steps is None else a.warmup_steps
-    overrides = {**({} if a.mtp is None else {"n_mtp": a.mtp}), **({"fp8": True} if a.fp8 else {})}
+    if a.bias_update_speed is not None and not BALANCE[a.balance][2]:
+        die(f"--bias-update-speed sets the routing bias of --balance aux-free; --balance {a.balance} has none")
+    overrides = {**({} if a.mtp is None else {"n_mtp": a.mtp}), **({"fp8": True} if a.fp8 else {}), **BALANCE[a.balance][1]}
     try:
         return a, ModelArgs.from_preset(a.preset, **overrides)
     except (ValueError, TypeError) as e:
@@ -524,7 +555,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": a.weight_decay},
                                    {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=a.lr, betas=BETAS, fused=device.type == "cuda")
-    gamma = 0.0 if a.no_bias_update else margs.bias_update_speed if a.bias_update_speed is None else a.bias_update_speed
+    gamma = bias_update_speed(a, margs)
     state = load_checkpoint(a.out, model, optimizer, param_names) if a.resume else dict(step=0, epoch=0, batch=0)
     if a.resume and state.get("data") != data:
         say(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data}); resume is not exact")
