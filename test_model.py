@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import infer
+import model as model_module
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, atomic_write,
                    decode_step, draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict,
                    kv_bytes_per_token, padded_experts, precompute_freqs_cis, probs, setup_cache)
@@ -1300,6 +1301,51 @@ def test_generation_stops_at_the_checkpoints_end_token(capsys, tmp_path, end_nam
             assert new == "20" and out == "def fib" + EOS * 20 + "\n"
         else:
             assert new == "1" and out == "def fib\n"
+
+
+# ---- hostile and clumsy input
+HOSTILE_CONFIGS = {  # config.json edits -> a word the one-line error must contain
+    "size as string": ({"hidden_size": "64"}, "hidden_size"),
+    "size as float": ({"hidden_size": 64.0}, "hidden_size"),
+    "size null": ({"num_attention_heads": None}, "num_attention_heads"),
+    "size 1e12": ({"vocab_size": 10**12}, "vocab_size"),
+    "layers 1e9": ({"num_hidden_layers": 1e9}, "num_hidden_layers"),
+    "layers as bool": ({"num_hidden_layers": True}, "num_hidden_layers"),
+    "rope_scaling a string": ({"rope_scaling": "yarn"}, "rope_scaling"),
+    "yarn beta 0": ({"rope_scaling": {"type": "yarn", "factor": 4, "beta_fast": 0}}, "beta_fast"),
+    "eps nan": ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    "scoring not a string": ({"scoring_func": 1}, "scoring_func"),
+    "a list": ([], "json object"),
+    "too big to fit": ({"vocab_size": 1 << 24, "hidden_size": 1 << 17}, "gib"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONFIGS)
+def test_hostile_config_is_one_line_error_before_allocating(capsys, ckpt, tmp_path, case):
+    edit, word = HOSTILE_CONFIGS[case]
+    (tmp_path / "model.safetensors").symlink_to(Path(ckpt) / "model.safetensors")
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **edit} if isinstance(edit, dict) else edit))
+    code, out, err = run_main(capsys, "--ckpt", tmp_path)
+    one_line_error(code, out, err)
+    assert word in err.lower()
+
+
+@pytest.mark.parametrize("weight_map", [{"a": 3}, {"a": ["x"]}, {"a": "../out/model.safetensors"},
+                                        {"a": "config.json"}, {"a": "gone.safetensors"}], ids=str)
+def test_index_naming_anything_but_its_own_safetensors_files_is_refused(tmp_path, ckpt, weight_map):
+    (tmp_path / "config.json").write_text((Path(ckpt) / "config.json").read_text())
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="index|safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_model_that_does_not_fit_is_refused_before_allocating(tmp_path, monkeypatch):
+    save_tiny(tmp_path)
+    monkeypatch.setattr(model_module, "available_memory", lambda device: 1 << 10)
+    with pytest.raises(CheckpointError, match=r"needs .* GiB on cpu and 9.54e-07 GiB is available.*--dry-run"):
+        Transformer.from_pretrained(tmp_path)
+
 
 
 # ------------------------------------------------------------------------------------- errors
