@@ -1077,16 +1077,53 @@ class CheckpointError(Exception):
     pass
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(dest, write):
-    """write(tmp) to a temporary name beside dest, then rename it over dest: a kill at any moment
-    leaves the previous file or the new one, never a torn one."""
-    tmp = f"{dest}.tmp{os.getpid()}"
+    """write(tmp) to a temporary name beside dest, flush it to the disk, then rename it over dest:
+    a kill at any moment leaves the previous file or the new one, never a torn one; after the
+    rename and the folder's fsync a power loss does too. The name is unique to this process and
+    call (two writers never share one); remove_stale_temporaries cleans up after a kill."""
+    dest = str(dest)
+    tmp = f"{dest}.tmp{os.getpid()}.{os.urandom(4).hex()}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (safetensors writes 0600)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, dest)
+        fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Delete atomic_write's temporary files in folder whose writer process is gone (a kill)."""
+    for f in Path(folder).glob("*.tmp*"):
+        m = re.search(r"\.tmp(\d+)(\.[0-9a-f]{8})?$", f.name)
+        if not m or not f.is_file():
+            continue
+        try:
+            os.kill(int(m[1]), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue  # another user's live process, or not a process id
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 def available_memory(device):
@@ -1298,6 +1335,7 @@ def save_pretrained(model, path, max_shard_bytes=4 << 30):
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     state = hf_state_dict(model)
     shards, size = [{}], 0
     for name, t in state.items():
