@@ -25,10 +25,14 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (main's handlers come later)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
 
 import torch
 from safetensors import SafetensorError
@@ -36,6 +40,9 @@ from safetensors import SafetensorError
 from model import PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model, setup_cache
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIALS, Parser, count, decode, die, encode, fim_prompt,
                    human_bytes, init_distributed, nonneg, number, pick_device, positive_int, seed_number, thread_count)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -132,6 +139,8 @@ BYTES = Vocab(encode, decode, encode, end=(EOT,), fim=(FIM_BEGIN, FIM_HOLE, FIM_
 def read_json(path):
     if not os.path.exists(path):
         return {}
+    if not os.path.isfile(path):  # a FIFO would block the read
+        die(f"{path} is not a regular file; replace or remove it")
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)

@@ -1385,6 +1385,8 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} not found; train one with "
                               "`python train.py` or pass the folder of a published checkpoint")
+    if (path / "config.json").exists() and not (path / "config.json").is_file():  # a FIFO would block the read
+        raise CheckpointError(f"{path / 'config.json'} is not a regular file; replace it with the checkpoint's config")
     try:
         args = args_from_hf_config(json.loads((path / "config.json").read_text()))
     except (OSError, ValueError, RecursionError) as e:
@@ -1392,7 +1394,7 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
     index = path / "model.safetensors.index.json"
     try:
         files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-                 else [f.name for f in sorted(path.glob("model*.safetensors"))])
+                 else [f.name for f in sorted(path.glob("model*.safetensors")) if f.is_file()])
     except (OSError, ValueError, RecursionError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"cannot read {index}: {e!r}") from None
     for f in files:  # an index names files of this folder, nothing else

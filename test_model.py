@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -1317,6 +1318,7 @@ HOSTILE_CONFIGS = {  # config.json edits -> a word the one-line error must conta
     "eps nan": ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
     "scoring not a string": ({"scoring_func": 1}, "scoring_func"),
     "a list": ([], "json object"),
+    "a FIFO": (None, "not a regular file"),
     "too big to fit": ({"vocab_size": 1 << 24, "hidden_size": 1 << 17}, "gib"),
 }
 
@@ -1326,7 +1328,10 @@ def test_hostile_config_is_one_line_error_before_allocating(capsys, ckpt, tmp_pa
     edit, word = HOSTILE_CONFIGS[case]
     (tmp_path / "model.safetensors").symlink_to(Path(ckpt) / "model.safetensors")
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, **edit} if isinstance(edit, dict) else edit))
+    if edit is None:
+        os.mkfifo(tmp_path / "config.json")  # reading it would block forever
+    else:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **edit} if isinstance(edit, dict) else edit))
     code, out, err = run_main(capsys, "--ckpt", tmp_path)
     one_line_error(code, out, err)
     assert word in err.lower()
@@ -1545,6 +1550,15 @@ def test_write_failure_is_one_line_and_keeps_the_previous_checkpoint(saved_run, 
     assert not list(out.glob("*.tmp*"))
     main(["--resume", "--out", str(out)])  # and the run goes on from it
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_ctrl_c_while_starting_is_one_line(data_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--data", str(data_dir), "--out", str(tmp_path)],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # importing torch
+    proc.send_signal(2)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_ctrl_c_during_the_final_sample_is_one_line(data_dir, tmp_path):

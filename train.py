@@ -23,11 +23,15 @@ import json
 import math
 import os
 import random
+import signal
 import stat
 import sys
 import sysconfig
 import time
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (main's handlers come later)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model import ModelArgs, Transformer, accounting, atomic_write, memory_shortfall, remove_stale_temporaries
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
 
 # ------------------------------------------------------------------------------ the recipe
 # DeepSeek-V3's pre-training recipe (§4.2; FIM §4.1): the paper's rules, with the sizes scaled
