@@ -1508,6 +1508,8 @@ def test_second_run_on_a_locked_out_is_refused(capsys, saved_run, tmp_path, data
         assert "another run is using it" in train_error(capsys, "--resume", "--out", out)
         assert "another run is using it" in train_error(capsys, *FAST, "--data", data_dir, "--out", out, "--overwrite")
     assert run_bytes(out) == before
+    (tmp_path / "odd" / ".lock").mkdir(parents=True)  # not a file to lock
+    assert "cannot open" in train_error(capsys, *FAST, "--data", data_dir, "--out", tmp_path / "odd")
 
 
 def test_fresh_run_refuses_another_runs_checkpoint_unless_overwrite(capsys, saved_run, tmp_path, data_dir):

@@ -578,11 +578,16 @@ def claim_out(a):
     -> the open lock file (closing it releases the lock); under torchrun rank 0 alone takes it."""
     if int(os.environ.get("RANK", "0")):
         return contextlib.nullcontext()
-    lock = open(os.path.join(a.out, ".lock"), "a")
+    try:
+        lock = open(os.path.join(a.out, ".lock"), "a")
+    except OSError as e:
+        die(f"--out {a.out}: cannot open {a.out}/.lock ({e.strerror}); remove what is there or choose another --out")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         lock.close()
+        if not isinstance(e, BlockingIOError):  # e.g. a file system without locks
+            die(f"--out {a.out}: cannot lock {a.out}/.lock ({e.strerror}); choose an --out on a local disk")
         die(f"--out {a.out}: another run is using it (it holds {a.out}/.lock); wait for it to end or choose another --out")
     remove_stale_temporaries(a.out)
     if not a.resume and os.path.lexists(os.path.join(a.out, "train_state.safetensors")):
