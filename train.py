@@ -635,8 +635,8 @@ def train(a, margs):
             f"{world} ranks; lower --batch-size or --seq-len, or give more text")
     acc = accounting(margs, a.seq_len)
     if short := memory_shortfall(16 * (acc["params_total"] + acc["params_mtp"]), device):
-        die(f"--preset {a.preset}: training {short} for float32 weights, gradients and AdamW moments "
-            f"(activations not counted); choose a smaller --preset (see python train.py --dry-run --preset {a.preset})")
+        die(f"--preset {a.preset}: training (float32 weights, gradients and AdamW moments; activations not counted) "
+            f"{short}; choose a smaller --preset (python train.py --dry-run --preset {a.preset} shows the memory)")
     if device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
         torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
         torch.utils.deterministic.fill_uninitialized_memory = False  # exactness needs no NaN-filled empty()
