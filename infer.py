@@ -25,17 +25,24 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (main's handlers come later)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
 
 import torch
 from safetensors import SafetensorError
 
 from model import PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model, setup_cache
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIALS, Parser, count, decode, die, encode, fim_prompt,
-                   human_bytes, init_distributed, nonneg, number, pick_device, positive_int)
+                   human_bytes, init_distributed, nonneg, number, pick_device, positive_int, seed_number, thread_count)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -62,7 +69,7 @@ def get_parser():
     add("--top-p", type=probability, default=0.95,
         help="nucleus sampling: keep the smallest set of tokens reaching this probability (default: 0.95)")
     add("--top-k", type=count, default=0, help="sample among the k most likely tokens, 0 = all (default: 0)")
-    add("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
+    add("--seed", type=seed_number, default=0, help="seed of the sampler (default: 0)")
     add("--speculative", action="store_true",
         help="MTP speculative decoding (§2.2): the same greedy output, the same sampling distribution")
     add("--bench", action="store_true", help="time plain and speculative greedy decoding of the prompt "
@@ -72,7 +79,7 @@ def get_parser():
         "(default: bfloat16 on cuda, float32 on cpu)")
     add("--compile", action="store_true", help="decode with compiled static-shape steps (torch.compile; the "
         "first tokens wait for the compiler, ~10-65 s on a CPU)")
-    add("--threads", type=positive_int, help="CPU threads (default: torch's, one per core; on 2 cores, 2 "
+    add("--threads", type=thread_count, help="CPU threads (default: torch's, one per core; on 2 cores, 2 "
         "threads decode the tiny model faster than 1 with --compile)")
     add("--dry-run", type=positive_int, nargs="?", const=1, metavar="RANKS", help="print the memory per rank of "
         "serving --ckpt (only its config.json is read; or a preset name, e.g. deepseek-v3) on RANKS ranks, load nothing")
@@ -87,6 +94,10 @@ def parse_args(argv=None):
     if fim and not (a.fim_prefix or a.fim_suffix):
         die("--fim-prefix and --fim-suffix are both empty; give the text around the hole")
     a.fim = fim
+    for flag in ("prompt", "fim_prefix", "fim_suffix"):  # bytes that are not UTF-8 reach Python as surrogates
+        text = getattr(a, flag)
+        if text is not None and any("\ud800" <= c <= "\udfff" for c in text):
+            die(f"--{flag.replace('_', '-')} is not valid UTF-8 text; pass UTF-8, or the bytes as --prompt-ids")
     a.device = pick_device(a.device)
     a.dtype = a.dtype or ("bfloat16" if a.device.type == "cuda" else "float32")
     return a
@@ -128,6 +139,8 @@ BYTES = Vocab(encode, decode, encode, end=(EOT,), fim=(FIM_BEGIN, FIM_HOLE, FIM_
 def read_json(path):
     if not os.path.exists(path):
         return {}
+    if not os.path.isfile(path):  # a FIFO would block the read
+        die(f"{path} is not a regular file; replace or remove it")
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -332,7 +345,7 @@ def dry_run(a):
     try:
         args = (ModelArgs.from_preset(a.ckpt) if a.ckpt in PRESETS and not os.path.isdir(a.ckpt) else
                 ModelArgs.from_hf_config(json.loads(open(os.path.join(a.ckpt, "config.json")).read())))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         die(f"--dry-run: cannot read the config of {a.ckpt}: {' '.join(str(e).split())}; give a checkpoint "
             f"folder or a preset ({', '.join(PRESETS)})")
     try:

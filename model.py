@@ -1086,46 +1086,150 @@ class CheckpointError(Exception):
     pass
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(dest, write):
-    """write(tmp) to a temporary name beside dest, then rename it over dest: a kill at any moment
-    leaves the previous file or the new one, never a torn one."""
-    tmp = f"{dest}.tmp{os.getpid()}"
+    """write(tmp) to a temporary name beside dest, flush it to the disk, then rename it over dest:
+    a kill at any moment leaves the previous file or the new one, never a torn one; after the
+    rename and the folder's fsync a power loss does too. The name is unique to this process and
+    call (two writers never share one); remove_stale_temporaries cleans up after a kill."""
+    dest = str(dest)
+    tmp = f"{dest}.tmp{os.getpid()}.{os.urandom(4).hex()}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (safetensors writes 0600)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, dest)
+        fd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def remove_stale_temporaries(folder):
+    """Delete atomic_write's temporary files in folder whose writer process is gone (a kill)."""
+    for f in Path(folder).glob("*.tmp*"):
+        m = re.search(r"\.tmp(\d+)(\.[0-9a-f]{8})?$", f.name)
+        if not m or not f.is_file():
+            continue
+        try:
+            os.kill(int(m[1]), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue  # another user's live process, or not a process id
+        with contextlib.suppress(OSError):
+            f.unlink()
+
+
+def available_memory(device):
+    """Bytes that `device` can still allocate (CPU: MemAvailable), or None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def memory_shortfall(need, device):
+    """-> None when `need` bytes fit on device, else a sentence saying how much is missing."""
+    have = available_memory(device)
+    if have is None or need <= have:
+        return None
+    return f"needs {need / 2**30:.3g} GiB on {device} and {have / 2**30:.3g} GiB is available"
+
+
+REQUIRED = object()
+# config.json keys read as sizes: (smallest, largest). The largest are far above any published
+# model and keep a hostile file from asking for billions of layers before anything is allocated.
+CONFIG_INTS = {"vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
+               "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 4096), "kv_lora_rank": (1, 1 << 16),
+               "qk_nope_head_dim": (0, 1 << 14), "qk_rope_head_dim": (2, 1 << 14), "v_head_dim": (1, 1 << 14),
+               "q_lora_rank": (0, 1 << 17), "moe_intermediate_size": (0, 1 << 20), "n_routed_experts": (0, 1 << 16),
+               "n_shared_experts": (0, 1024), "num_experts_per_tok": (0, 1 << 16), "n_group": (1, 1 << 16),
+               "topk_group": (1, 1 << 16), "first_k_dense_replace": (0, 1024),
+               "num_nextn_predict_layers": (0, 64), "max_position_embeddings": (1, 1 << 22),
+               "original_max_position_embeddings": (1, 1 << 22)}
+ZERO_OK = {"rms_norm_eps", "routed_scaling_factor", "aux_loss_alpha", "bias_update_speed", "mscale",
+           "mscale_all_dim", "initializer_range"}  # the other numbers divide or take logarithms
+
+
+def _config_get(c, key, default=REQUIRED, where=""):
+    """c[key] checked against what it must be: an int in CONFIG_INTS' range, else a finite number,
+    or (for the strings and flags) the type of the default. null means the default."""
+    v = c.get(key)
+    if v is None:
+        if default is REQUIRED:
+            raise ValueError(f"{where}{key} is missing; a DeepSeek-V3 config.json names it")
+        return default
+    if key in CONFIG_INTS:
+        low, high = CONFIG_INTS[key]
+        if type(v) is not int or not low <= v <= high:
+            raise ValueError(f"{where}{key} must be an integer from {low} to {high}, got {v!r}")
+    elif isinstance(default, bool) or isinstance(default, str):
+        if type(v) is not type(default):
+            raise ValueError(f"{where}{key} must be a {type(default).__name__}, got {v!r}")
+    elif type(v) not in (int, float) or not math.isfinite(v) or v < 0 or v > 1e12 or v == 0 and key not in ZERO_OK:
+        low = "from 0" if key in ZERO_OK else "above 0"
+        raise ValueError(f"{where}{key} must be a number {low} to 1e12, got {v!r}")
+    return v
+
+
 def args_from_hf_config(c):
-    """Read a published config.json (DeepSeek-V3, or the V2 family with softmax scoring)."""
+    """Read a published config.json (DeepSeek-V3, or the V2 family with softmax scoring). Every
+    value is checked for its type and range: the file may come from anywhere."""
+    if not isinstance(c, dict):
+        raise ValueError(f"config.json must hold a JSON object, found a {type(c).__name__}")
     if c.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
         raise ValueError(f"unsupported model_type {c.get('model_type')!r}; expected 'deepseek_v3' (or 'deepseek_v2')")
     rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    if not isinstance(rs, dict):
+        raise ValueError(f"rope_scaling must be an object or null, got {rs!r}")
     yarn = rs.get("type", rs.get("rope_type")) == "yarn"
-    n_routed = c.get("n_routed_experts") or 0
-    n_layers = c["num_hidden_layers"]
+    get = partial(_config_get, c)
+    rope = partial(_config_get, rs, where="rope_scaling.")
+    n_routed = get("n_routed_experts", 0)
+    n_layers = get("num_hidden_layers")
     return ModelArgs(
-        vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
-        n_layers=n_layers, n_heads=c["num_attention_heads"],
-        n_dense_layers=c.get("first_k_dense_replace", 0) if n_routed else n_layers,
-        norm_eps=c.get("rms_norm_eps", 1e-6), max_seq_len=c.get("max_position_embeddings", 4096),
-        q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c["kv_lora_rank"],
-        qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
-        v_head_dim=c["v_head_dim"], moe_inter_dim=c.get("moe_intermediate_size") or 0,
-        n_routed_experts=n_routed, n_shared_experts=c.get("n_shared_experts") or 0,
-        n_activated_experts=c.get("num_experts_per_tok") or 0,
-        n_expert_groups=c.get("n_group") or 1, n_limited_groups=c.get("topk_group") or 1,
-        score_func=c.get("scoring_func", "softmax"), route_scale=c.get("routed_scaling_factor", 1.0),
-        norm_topk_prob=c.get("norm_topk_prob", False), balance_alpha=c.get("aux_loss_alpha", 1e-4),
-        bias_update_speed=c.get("bias_update_speed", 1e-3), n_mtp=c.get("num_nextn_predict_layers", 0),
-        rope_theta=c.get("rope_theta", rs.get("rope_theta", 10000.0)),
-        rope_factor=rs.get("factor", 1.0) if yarn else 1.0,
-        original_seq_len=rs.get("original_max_position_embeddings", 4096),
-        beta_fast=rs.get("beta_fast", 32), beta_slow=rs.get("beta_slow", 1),
-        mscale=rs.get("mscale", 1.0), mscale_all_dim=rs.get("mscale_all_dim", 1.0),
-        init_std=c.get("initializer_range", 0.006))
+        vocab_size=get("vocab_size"), dim=get("hidden_size"), inter_dim=get("intermediate_size"),
+        n_layers=n_layers, n_heads=get("num_attention_heads"),
+        n_dense_layers=get("first_k_dense_replace", 0) if n_routed else n_layers,
+        norm_eps=get("rms_norm_eps", 1e-6), max_seq_len=get("max_position_embeddings", 4096),
+        q_lora_rank=get("q_lora_rank", 0), kv_lora_rank=get("kv_lora_rank"),
+        qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
+        v_head_dim=get("v_head_dim"), moe_inter_dim=get("moe_intermediate_size", 0),
+        n_routed_experts=n_routed, n_shared_experts=get("n_shared_experts", 0),
+        n_activated_experts=get("num_experts_per_tok", 0),
+        n_expert_groups=get("n_group", 1), n_limited_groups=get("topk_group", 1),
+        score_func=get("scoring_func", "softmax"), route_scale=get("routed_scaling_factor", 1.0),
+        norm_topk_prob=get("norm_topk_prob", False), balance_alpha=get("aux_loss_alpha", 1e-4),
+        bias_update_speed=get("bias_update_speed", 1e-3), n_mtp=get("num_nextn_predict_layers", 0),
+        rope_theta=get("rope_theta", rope("rope_theta", 10000.0)),
+        rope_factor=rope("factor", 1.0) if yarn else 1.0,
+        original_seq_len=rope("original_max_position_embeddings", 4096),
+        beta_fast=rope("beta_fast", 32), beta_slow=rope("beta_slow", 1),
+        mscale=rope("mscale", 1.0), mscale_all_dim=rope("mscale_all_dim", 1.0),
+        init_std=get("initializer_range", 0.006))
 
 
 def hf_config(a):
@@ -1240,6 +1344,7 @@ def save_pretrained(model, path, max_shard_bytes=4 << 30):
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     state = hf_state_dict(model)
     shards, size = [{}], 0
     for name, t in state.items():
@@ -1289,16 +1394,22 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} not found; train one with "
                               "`python train.py` or pass the folder of a published checkpoint")
+    if (path / "config.json").exists() and not (path / "config.json").is_file():  # a FIFO would block the read
+        raise CheckpointError(f"{path / 'config.json'} is not a regular file; replace it with the checkpoint's config")
     try:
         args = args_from_hf_config(json.loads((path / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}; fix it or use another checkpoint") from None
     index = path / "model.safetensors.index.json"
     try:
         files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-                 else [f.name for f in sorted(path.glob("model*.safetensors"))])
-    except (ValueError, KeyError, AttributeError, TypeError) as e:
+                 else [f.name for f in sorted(path.glob("model*.safetensors")) if f.is_file()])
+    except (OSError, ValueError, RecursionError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"cannot read {index}: {e!r}") from None
+    for f in files:  # an index names files of this folder, nothing else
+        if not isinstance(f, str) or not f.endswith(".safetensors") or Path(f).name != f or not (path / f).is_file():
+            raise CheckpointError(f"{index.name if index.exists() else path} names {f!r}, not a .safetensors "
+                                  f"file of {path}; re-save the checkpoint or fix its index")
     if not files:
         raise CheckpointError(f"no *.safetensors files in {path}")
     where = {}  # published tensor name -> file
@@ -1315,6 +1426,10 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
         model = meta_model(args, rank, world_size, dtype)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if short := memory_shortfall(need, device):  # refuse before allocating, not by the kernel's OOM killer
+        raise CheckpointError(f"{path}: the model {short}; serve it on more ranks or a larger device "
+                              f"(python infer.py --ckpt {path} --dry-run RANKS shows the memory per rank)")
     model.to_empty(device=device)
     # every destination: published name -> (our name, tensor to fill, expert index or None)
     targets = {}

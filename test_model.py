@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import infer
+import model as model_module
+import train as train_module
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, atomic_write,
                    decode_step, draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict,
                    kv_bytes_per_token, padded_experts, precompute_freqs_cis, probs, setup_cache)
@@ -1401,6 +1404,278 @@ def test_generation_stops_at_the_checkpoints_end_token(capsys, tmp_path, end_nam
             assert new == "20" and out == "def fib" + EOS * 20 + "\n"
         else:
             assert new == "1" and out == "def fib\n"
+
+
+# ---- hostile and clumsy input
+HOSTILE_CONFIGS = {  # config.json edits -> a word the one-line error must contain
+    "size as string": ({"hidden_size": "64"}, "hidden_size"),
+    "size as float": ({"hidden_size": 64.0}, "hidden_size"),
+    "size null": ({"num_attention_heads": None}, "num_attention_heads"),
+    "size 1e12": ({"vocab_size": 10**12}, "vocab_size"),
+    "layers 1e9": ({"num_hidden_layers": 1e9}, "num_hidden_layers"),
+    "layers as bool": ({"num_hidden_layers": True}, "num_hidden_layers"),
+    "rope_scaling a string": ({"rope_scaling": "yarn"}, "rope_scaling"),
+    "yarn beta 0": ({"rope_scaling": {"type": "yarn", "factor": 4, "beta_fast": 0}}, "beta_fast"),
+    "eps nan": ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    "scoring not a string": ({"scoring_func": 1}, "scoring_func"),
+    "a list": ([], "json object"),
+    "a FIFO": (None, "not a regular file"),
+    "too big to fit": ({"vocab_size": 1 << 24, "hidden_size": 1 << 17}, "gib"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONFIGS)
+def test_hostile_config_is_one_line_error_before_allocating(capsys, ckpt, tmp_path, case):
+    edit, word = HOSTILE_CONFIGS[case]
+    (tmp_path / "model.safetensors").symlink_to(Path(ckpt) / "model.safetensors")
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    if edit is None:
+        os.mkfifo(tmp_path / "config.json")  # reading it would block forever
+    else:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **edit} if isinstance(edit, dict) else edit))
+    code, out, err = run_main(capsys, "--ckpt", tmp_path)
+    one_line_error(code, out, err)
+    assert word in err.lower()
+
+
+@pytest.mark.parametrize("weight_map", [{"a": 3}, {"a": ["x"]}, {"a": "../out/model.safetensors"},
+                                        {"a": "config.json"}, {"a": "gone.safetensors"}], ids=str)
+def test_index_naming_anything_but_its_own_safetensors_files_is_refused(tmp_path, ckpt, weight_map):
+    (tmp_path / "config.json").write_text((Path(ckpt) / "config.json").read_text())
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="index|safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_model_that_does_not_fit_is_refused_before_allocating(tmp_path, monkeypatch):
+    save_tiny(tmp_path)
+    monkeypatch.setattr(model_module, "available_memory", lambda device: 1 << 10)
+    with pytest.raises(CheckpointError, match=r"needs .* GiB on cpu and 9.54e-07 GiB is available.*--dry-run"):
+        Transformer.from_pretrained(tmp_path)
+
+
+
+def train_error(capsys, *argv):
+    """train.main in this process -> the one line it printed before its non-zero exit."""
+    with pytest.raises(SystemExit) as exit:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert exit.value.code not in (0, None) and err.count("\n") == 1 and err.startswith("error: "), err
+    return err.lower()
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--batch-size", 2**64], "<= 1048576"), (["--seq-len", 2**40], "<= 16777216"), (["--seed", 2**64], "--seed"),
+    (["--seed", -1], "--seed"), (["--lr", 1e38], "<= 1e+30"), (["--weight-decay", 1e38], "<= 1"), (["--dry-run", "--mtp", 99999999999], "<= 16"),
+    (["--device", "meta"], "cpu or cuda"), (["--device", "mps"], "cpu or cuda"), (["--device", "xpu"], "cpu or cuda"),
+], ids=lambda f: " ".join(map(str, f))[:30] if isinstance(f, list) else None)
+def test_numbers_torch_cannot_hold_are_bounded_in_the_message(capsys, data_dir, tmp_path, flags, word):
+    assert word in train_error(capsys, *FAST, "--data", data_dir, "--out", tmp_path, *flags)
+
+
+@pytest.mark.parametrize("flags", [["--threads", 4096], ["--threads", 2**31], ["--seed", 2**64], ["--device", "meta"],
+                                   ["--prompt", "caf\udce9"], ["--fim-prefix", "\udcff"]], ids=str)
+def test_infer_numbers_devices_and_non_utf8_text_are_one_line_errors(capsys, ckpt, flags):
+    one_line_error(*run_main(capsys, "--ckpt", ckpt, *flags))
+
+
+def test_largest_seed_trains(data_dir, tmp_path):
+    main([*FAST, "--data", str(data_dir), "--out", str(tmp_path), "--max-steps", "1", "--seed", str(2**64 - 1)])
+    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == 1
+
+
+def test_training_that_cannot_fit_stops_before_allocating(capsys, data_dir, tmp_path, monkeypatch):
+    err = train_error(capsys, "--preset", "deepseek-v3", "--data", data_dir, "--out", tmp_path / "v3")
+    assert "needs" in err and "tib" not in err and "gib on cpu" in err and "--dry-run" in err  # 671B x 16 bytes
+    monkeypatch.setattr(model_module, "available_memory", lambda device: 1 << 20)
+    assert "gib is available" in train_error(capsys, *FAST, "--data", data_dir, "--out", tmp_path / "tiny")
+
+
+@pytest.fixture
+def special_data(tmp_path, data_dir):
+    """A data folder holding text files and what a walk must not read: a FIFO (blocks forever), a
+    symlink to /dev/zero (never ends), a dangling symlink and an unreadable file."""
+    d = tmp_path / "data"
+    d.mkdir()
+    for f in data_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    os.mkfifo(d / "fifo.py")
+    (d / "zero.py").symlink_to("/dev/zero")
+    (d / "dangling.py").symlink_to(tmp_path / "nowhere")
+    (d / "locked.py").write_text("secret = 1\n")
+    (d / "locked.py").chmod(0)
+    return d
+
+
+def test_data_walk_reads_regular_files_only_and_says_what_it_skipped(special_data, tmp_path, capsys):
+    skipped = []
+    train, val = load_documents(str(special_data), skipped)
+    names = {Path(p).name for p in skipped}
+    assert {"fifo.py", "zero.py", "dangling.py"} <= names
+    assert len(train) == 12 + ("locked.py" not in names)  # root reads a mode-0 file
+    main([*FAST, "--data", str(special_data), "--out", str(tmp_path / "out"), "--max-steps", "1"])
+    assert f"skipped {len(skipped)} files that are not regular or not readable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, word", [("fifo.py", "not a regular file"), ("zero.py", "not a regular file"),
+                                        ("dangling.py", "symlink to nothing"), ("/dev/null", "not a regular file"),
+                                        ("one_byte", "too little")])
+def test_special_or_tiny_data_is_one_line_error(capsys, special_data, tmp_path, name, word):
+    (special_data.parent / "one_byte").write_bytes(b"x")
+    path = name if name.startswith("/") else special_data / name if name.endswith(".py") else special_data.parent / name
+    assert word in train_error(capsys, *FAST, "--data", path, "--out", tmp_path / "out")
+
+
+def test_data_shorter_than_one_row_per_rank_is_one_line_error(capsys, tmp_path, monkeypatch):
+    (tmp_path / "short.txt").write_text("x = 1\n")
+    monkeypatch.setattr(train_module, "init_distributed", lambda device: (0, 2, device))  # rank 0 of 2
+    err = train_error(capsys, *FAST, "--data", tmp_path / "short.txt", "--out", tmp_path / "out")
+    assert "fewer than one --batch-size 2" in err
+
+
+@pytest.fixture(scope="module")
+def saved_run(data_dir, tmp_path_factory):
+    """A checkpoint at step 1 of 3, to copy and damage."""
+    out = tmp_path_factory.mktemp("saved_run") / "out"
+    main([*FAST, "--data", str(data_dir), "--out", str(out), "--max-steps", "3", "--stop-at", "1"])
+    return out
+
+
+def copy_run(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def run_bytes(out):
+    return {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+
+
+def damage(out, drop=(), meta=None, **tensors):
+    path = out / "train_state.safetensors"
+    with safe_open(path, "pt") as f:
+        old_meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = {k: v for k, v in {**state, **tensors}.items() if not any(k.startswith(d) for d in drop)}
+    save_file(state, path, metadata=meta(json.loads(old_meta["train_state"])) if meta else old_meta)
+
+
+RESUME_DAMAGE = {  # what is done to the checkpoint -> a word the one-line error must contain
+    "truncated": (lambda out: (out / "train_state.safetensors").write_bytes(
+        (out / "train_state.safetensors").read_bytes()[:5000]), "not a readable safetensors"),
+    "foreign": (lambda out: (out / "train_state.safetensors").write_bytes(
+        (out / "model.safetensors").read_bytes()), "no train_state metadata"),
+    "metadata not json": (lambda out: damage(out, meta=lambda s: {"train_state": "{"}), "not json"),
+    "metadata a list": (lambda out: damage(out, meta=lambda s: {"train_state": "[]"}), "not a json object"),
+    "step a string": (lambda out: damage(out, meta=lambda s: {"train_state": json.dumps({**s, "step": "1"})}), "step"),
+    "no args": (lambda out: damage(out, meta=lambda s: {"train_state": json.dumps({**s, "args": None})}), "args"),
+    "saved flag out of range": (lambda out: damage(out, meta=lambda s: {"train_state": json.dumps(
+        {**s, "args": {**s["args"], "batch_size": "many"}})}), "saved --batch-size"),
+    "moment missing": (lambda out: damage(out, drop=["optim.0.exp_avg_sq"]), "adamw state optim.0"),
+    "moment wrong shape": (lambda out: damage(out, **{"optim.0.exp_avg": torch.zeros(3)}), "wrong shape"),
+    "moment of no parameter": (lambda out: damage(out, **{"optim.9999.step": torch.zeros(())}), "optim.9999"),
+    "rng missing": (lambda out: damage(out, drop=["rng.cpu"]), "rng.cpu"),
+    "metrics not utf-8": (lambda out: (out / "metrics.jsonl").write_bytes(b"\xff\xfe\n{\"step\": 1}\n"), "line 1 is not utf-8"),
+    "metrics line a list": (lambda out: (out / "metrics.jsonl").write_text("[1]\n{\"step\": 1}\n"), "line 1"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_DAMAGE)
+def test_damaged_resume_state_is_one_line_error_and_stays_as_it_was(capsys, saved_run, tmp_path, case):
+    out = copy_run(saved_run, tmp_path / "out")
+    spoil, word = RESUME_DAMAGE[case]
+    spoil(out)
+    before = run_bytes(out)
+    err = train_error(capsys, "--resume", "--out", out)
+    assert word in err and "train_state.safetensors" in err or "metrics.jsonl" in err, err
+    assert run_bytes(out) == before
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(saved_run, tmp_path):
+    out = copy_run(saved_run, tmp_path / "out")
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 2, "lo\xc3')  # a kill in the middle of a line and of a character
+    main(["--resume", "--out", str(out)])
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_second_run_on_a_locked_out_is_refused(capsys, saved_run, tmp_path, data_dir):
+    import fcntl
+    out = copy_run(saved_run, tmp_path / "out")
+    before = run_bytes(out)
+    with open(out / ".lock", "a") as lock:  # as the first run holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another run is using it" in train_error(capsys, "--resume", "--out", out)
+        assert "another run is using it" in train_error(capsys, *FAST, "--data", data_dir, "--out", out, "--overwrite")
+    assert run_bytes(out) == before
+    (tmp_path / "odd" / ".lock").mkdir(parents=True)  # not a file to lock
+    assert "cannot open" in train_error(capsys, *FAST, "--data", data_dir, "--out", tmp_path / "odd")
+
+
+def test_fresh_run_refuses_another_runs_checkpoint_unless_overwrite(capsys, saved_run, tmp_path, data_dir):
+    out = copy_run(saved_run, tmp_path / "out")
+    before = run_bytes(out)
+    assert "--overwrite" in train_error(capsys, *FAST, "--data", data_dir, "--out", out, "--max-steps", "2")
+    assert run_bytes(out) == before  # metrics.jsonl included
+    main([*FAST, "--data", str(data_dir), "--out", str(out), "--max-steps", "2", "--overwrite", "--seed", "1"])
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "train_state.json").read_text())["args"]["seed"] == 1
+
+
+def test_stale_temporaries_are_removed_and_files_get_the_umask_mode(tmp_path):
+    dead, live = tmp_path / "model.safetensors.tmp4194305", tmp_path / "config.json.tmp1.0badc0de"  # pid 1 lives
+    dead.write_bytes(b"torn")
+    live.write_bytes(b"being written")
+    save_tiny(tmp_path)
+    assert not dead.exists() and live.exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all((tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask for f in ("model.safetensors", "config.json"))
+
+
+def test_write_failure_is_one_line_and_keeps_the_previous_checkpoint(saved_run, tmp_path):
+    """A file-size limit (as a full disk) hits the checkpoint of step 3; step 1's stays loadable."""
+    import resource
+    import signal
+    out = copy_run(saved_run, tmp_path / "out")
+    state = (out / "train_state.safetensors").read_bytes()
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    r = subprocess.run([sys.executable, "train.py", "--resume", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: cannot write"), r.stderr
+    assert "keeps the checkpoint of step 1" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "train_state.safetensors").read_bytes() == state
+    assert not list(out.glob("*.tmp*"))
+    main(["--resume", "--out", str(out)])  # and the run goes on from it
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_ctrl_c_while_starting_is_one_line(data_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--data", str(data_dir), "--out", str(tmp_path)],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # importing torch
+    proc.send_signal(2)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_ctrl_c_during_the_final_sample_is_one_line(data_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-u", "train.py", *FAST[:-2], "--sample-bytes", "1000", "--data",
+                             str(data_dir), "--out", str(tmp_path), "--max-steps", "1"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if "checkpoint in" in line:
+            break
+    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == 1
+
 
 
 # ------------------------------------------------------------------------------------- errors

@@ -16,24 +16,34 @@ metrics.jsonl (a line per step) and train_state.safetensors/.json (exact trainin
 """
 import argparse
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
 import math
 import os
 import random
+import signal
+import stat
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (main's handlers come later)
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
+
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import ModelArgs, Transformer, accounting, atomic_write, training_memory
+from model import (ModelArgs, Transformer, accounting, atomic_write, memory_shortfall, remove_stale_temporaries,
+                   training_memory)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
 
 # ------------------------------------------------------------------------------ the recipe
 # DeepSeek-V3's pre-training recipe (§4.2; FIM §4.1): the paper's rules, with the sizes scaled
@@ -89,6 +99,8 @@ def number(kind, low, high=math.inf, strict=False):
 
 
 positive_int, count, nonneg, fraction = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
+seed_number = number(int, 0, 2**64 - 1)  # what torch.manual_seed can hold
+thread_count = number(int, 1, os.cpu_count() or 1)  # OpenMP crashes far above the core count
 
 
 def pick_device(name):
@@ -98,9 +110,12 @@ def pick_device(name):
         device = torch.device(name)
     except RuntimeError:
         die(f"--device {name}: not a device name; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        die(f"--device {name}: only cpu and cuda are supported; use --device cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {name}: no CUDA GPU is visible; use --device cpu")
     return device
+
 
 
 def init_distributed(device):
@@ -169,42 +184,68 @@ def fim_prompt(prefix, suffix, encode=encode, fim=(FIM_BEGIN, FIM_HOLE, FIM_END)
 
 
 # ------------------------------------------------------------------------------ data
+def regular(path):
+    """Only regular files are read: a FIFO would block forever, a device (or a symlink to one) never
+    ends, a dangling symlink has nothing behind it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def find_files(data):
-    """--data (None: this Python's standard library) -> (root, sorted file paths)."""
+    """--data (None: this Python's standard library) -> (root, sorted file paths, files skipped as
+    not regular)."""
     if data is None:
         root, suffix, skip = sysconfig.get_paths()["stdlib"], ".py", STDLIB_SKIP
-    elif os.path.isfile(data):
-        return os.path.dirname(os.path.abspath(data)), [data]
     elif os.path.isdir(data):
         root, suffix, skip = data, "", {"__pycache__"}
+    elif regular(data):
+        return os.path.dirname(os.path.abspath(data)), [data], []
+    elif os.path.lexists(data):
+        what = "a symlink to nothing" if not os.path.exists(data) else "not a regular file (a FIFO, socket or device)"
+        die(f"--data {data}: {what}; pass a text file, a folder or a glob")
     elif any(c in data for c in "*?["):
-        paths = sorted(p for p in glob.glob(data, recursive=True) if os.path.isfile(p))
-        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths] or ["."]), paths
+        paths = sorted(glob.glob(data, recursive=True))
+        files = [p for p in paths if regular(p)]
+        return (os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files] or ["."]), files,
+                [p for p in paths if not regular(p) and not os.path.isdir(p)])
     else:
         die(f"--data {data}: no such file or folder; pass a text file, a folder or a glob")
     paths = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
         paths += [os.path.join(folder, f) for f in files if f.endswith(suffix) and not f.startswith(".")]
-    return root, sorted(paths)
+    return root, sorted(p for p in paths if regular(p)), sorted(p for p in paths if not regular(p))
 
 
-def load_documents(data):
+def load_documents(data, skipped=None):
     """-> (train, val): int16 tensors, one per text file, split by a SHA-256 of the path relative
-    to the data root (stable across runs and machines, unlike Python's salted hash())."""
-    root, paths = find_files(data)
+    to the data root (stable across runs and machines, unlike Python's salted hash()). The paths
+    of the files not read (not regular, or unreadable) go to the list `skipped`."""
+    root, paths, not_regular = find_files(data)
+    skipped = [] if skipped is None else skipped
+    skipped += not_regular
     train, val = [], []
     for path in paths:
-        raw = Path(path).read_bytes()
+        try:
+            raw = Path(path).read_bytes()
+        except OSError:  # unreadable (permissions), or gone since the listing
+            skipped.append(path)
+            continue
         if raw and b"\0" not in raw[:8192]:  # skip empty and binary files
             rel = os.path.relpath(path, root).replace(os.sep, "/")
             h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
             (val if h < VAL_FRACTION else train).append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).short())
+    unread = f" ({len(skipped)} not regular or unreadable files skipped, e.g. {skipped[0]})" if skipped else ""
     if not train and not val:
-        die(f"--data {data or root}: no text found; point --data at a text file or a folder of text files")
+        die(f"--data {data or root}: no text found{unread}; point --data at a text file or a folder of text files")
     if not train or not val:  # too few files to hold one out: hold out the tail of each (>= 1 byte)
         docs, cut = train + val, lambda d: min(len(d) - 1, math.ceil(len(d) * (1 - VAL_FRACTION)))
         train, val = [d[:cut(d)] for d in docs if cut(d) > 0], [d[cut(d):] for d in docs]
+    if not train:
+        die(f"--data {data or root}: {sum(map(len, val))} bytes of text, too little to train on what the "
+            f"validation split leaves{unread}; give more text")
     return train, val
 
 
@@ -333,19 +374,85 @@ def save_checkpoint(out, model, optimizer, state):
     atomic_write(os.path.join(out, "train_state.json"), lambda p: Path(p).write_text(json.dumps(state, indent=1)))
 
 
+def bad_resume(path, what):
+    die(f"--resume: {path} {what}; start afresh in another --out (or with --overwrite), "
+        "or restore a good copy of the checkpoint")
+
+
+STATE_INTS = ("step", "epoch", "batch")  # with args, param_names, data: what --resume reads
+
+
 def read_checkpoint(out, with_tensors=True):
+    """-> (scalars, tensors) of out/train_state.safetensors, each checked for what --resume needs:
+    the file may be truncated, foreign or edited."""
     path = os.path.join(out, "train_state.safetensors")
     if not os.path.exists(path):
         die(f"--resume: no checkpoint in {out}/ (train_state.safetensors is missing); drop --resume or fix --out")
-    with safe_open(path, "pt") as f:
-        return json.loads(f.metadata()["train_state"]), {k: f.get_tensor(k) for k in f.keys() if with_tensors}
+    if not regular(path):
+        bad_resume(path, "is not a regular file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if with_tensors}
+        state = json.loads(meta["train_state"])
+    except (SafetensorError, OSError) as e:
+        bad_resume(path, f"is not a readable safetensors file ({' '.join(str(e).split())})")
+    except KeyError:
+        bad_resume(path, "has no train_state metadata (not a checkpoint of train.py)")
+    except (ValueError, RecursionError):
+        bad_resume(path, "holds train_state metadata that is not JSON")
+    if not isinstance(state, dict):
+        bad_resume(path, "holds train_state metadata that is not a JSON object")
+    for k in STATE_INTS:
+        if type(state.get(k)) is not int or state[k] < 0:
+            bad_resume(path, f"has train_state {k} {state.get(k)!r}, not an integer >= 0")
+    if not isinstance(state.get("args"), dict) or not isinstance(state.get("param_names"), list):
+        bad_resume(path, "lacks the run's args or param_names")
+    return state, tensors
+
+
+def saved_args(path, args):
+    """The run's saved flags, each checked by the type and choices its flag has on the command line."""
+    known = {action.dest: action for action in get_parser()._actions}
+    for k, v in args.items():
+        action = known.get(k)
+        if action is None or v is None or k in NOT_SAVED:
+            continue
+        try:
+            ok = (type(v) is bool if action.nargs == 0 else v in action.choices if action.choices else
+                  isinstance(v, str) if action.type is None else
+                  type(v) in (int, float) and action.type(str(v)) == v)  # the flag's own bounds
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            ok = False
+        if not ok:
+            bad_resume(path, f"saved --{k.replace('_', '-')} as {v!r}, which the flag does not accept")
+    return {k: v for k, v in args.items() if k in known and k not in NOT_SAVED}
 
 
 def load_checkpoint(out, model, optimizer, param_names):
     state, tensors = read_checkpoint(out)
+    path = os.path.join(out, "train_state.safetensors")
     own, saved = model_tensors(model), {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     if state["param_names"] != param_names or any(k not in saved or saved[k].shape != v.shape for k, v in own.items()):
         die(f"the checkpoint in {out}/ holds another model than these flags build; resume without model flags")
+    params = dict(model.named_parameters())
+    moments = {}
+    for k, v in tensors.items():  # optim.{parameter index}.{step, exp_avg, exp_avg_sq}
+        if k.startswith("optim."):
+            _, i, name = (k.split(".", 2) + ["", ""])[:3]
+            moments.setdefault(i, {})[name] = v
+    for i, m in moments.items():
+        p = params[param_names[int(i)]] if i.isdigit() and int(i) < len(param_names) else None
+        if p is None or m.keys() != {"step", "exp_avg", "exp_avg_sq"}:
+            bad_resume(path, f"holds AdamW state optim.{i} with {sorted(m)}, not step, exp_avg, exp_avg_sq "
+                             "of one of the model's parameters")
+        if m["exp_avg"].shape != p.shape or m["exp_avg_sq"].shape != p.shape or m["step"].numel() != 1 \
+                or not all(t.is_floating_point() for t in m.values()):
+            bad_resume(path, f"holds AdamW moments of {param_names[int(i)]} of the wrong shape or type "
+                             f"({tuple(m['exp_avg'].shape)}, {tuple(m['exp_avg_sq'].shape)}; the parameter is {tuple(p.shape)})")
+    rng = tensors.get("rng.cpu")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        bad_resume(path, "lacks a CPU random-number state (rng.cpu, uint8) of this torch")
     for k, v in tensors.items():  # a run that diverged, or a damaged file: training on would spread it
         if v.is_floating_point() and not torch.isfinite(v).all():
             i = int(k.split(".")[1]) if k.startswith("optim.") else None
@@ -355,23 +462,37 @@ def load_checkpoint(out, model, optimizer, param_names):
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(saved[k])
-    moments = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            moments.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
+    optimizer.load_state_dict({"state": {int(i): m for i, m in moments.items()},
+                               "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available() and f"rng.cuda.{torch.cuda.device_count() - 1}" in tensors:
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
     return state
 
 
-def logged_by(line, step):
-    try:
-        return json.loads(line)["step"] <= step
-    except (ValueError, KeyError):  # a line cut short by a kill
-        return False
+def kept_metrics(path, step):
+    """The lines of metrics.jsonl up to `step` (--resume drops those logged after the checkpoint).
+    Each line must be a JSON object with an integer step, except a last line cut short by a kill."""
+    if not os.path.exists(path):
+        return []
+    if not regular(path):
+        die(f"--resume: {path} is not a regular file; move it away")
+    raw = Path(path).read_bytes()
+    lines = raw.split(b"\n")
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            if not isinstance(rec, dict) or type(rec.get("step")) is not int:
+                raise ValueError("not a JSON object with an integer step")
+        except (ValueError, RecursionError) as e:
+            if n == len(lines):  # empty after the final newline, or torn by a kill
+                break
+            what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not a JSON object with an integer step"
+            die(f"--resume: {path} line {n} is {what}; delete that line or the file (it is a log, not the checkpoint)")
+        if rec["step"] <= step:
+            kept.append(line.decode("utf-8") + "\n")
+    return kept
 
 
 # ------------------------------------------------------------------------------ balancing modes
@@ -410,15 +531,15 @@ def get_parser():
     add("--out", default="out", help="folder for the checkpoint and metrics.jsonl (default: out)")
     add("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS, help="optimizer steps; the schedules span them (default: %(default)s)")
     add("--stop-at", type=positive_int, help="stop with a checkpoint after this step, schedule unchanged; continue with --resume")
-    add("--batch-size", type=positive_int, help="sequences per micro-batch (default: per preset)")
-    add("--seq-len", type=positive_int, help="tokens (bytes) per sequence (default: per preset)")
-    add("--grad-accum", type=positive_int, help="micro-batches per optimizer step (default: 1; 2 for small with --fp8)")
-    add("--lr", type=number(float, 0, strict=True), help="peak learning rate (default: per preset)")
+    add("--batch-size", type=number(int, 1, 2**20), help="sequences per micro-batch (default: per preset)")
+    add("--seq-len", type=number(int, 1, 2**24), help="tokens (bytes) per sequence (default: per preset)")
+    add("--grad-accum", type=number(int, 1, 2**20), help="micro-batches per optimizer step (default: 1; 2 for small with --fp8)")
+    add("--lr", type=number(float, 0, 1e30, strict=True), help="peak learning rate (default: per preset)")
     add("--min-lr-frac", type=fraction, default=0.1, help="final LR / peak LR (§4.2: 2.2e-5 / 2.2e-4; default: 0.1)")
     add("--warmup-steps", type=count, help="linear warmup steps (default: 5%% of --max-steps)")
     add("--decay-start", type=fraction, default=0.68, help="fraction of the steps after which the LR decays and λ drops (§4.2: 10T of 14.8T tokens; default: 0.68)")
-    add("--weight-decay", type=nonneg, default=0.1, help="AdamW weight decay of the matrices (§4.2; default: 0.1)")
-    add("--mtp", type=count, help="multi-token prediction depth, 0 disables it (default: the preset's)")
+    add("--weight-decay", type=fraction, default=0.1, help="AdamW weight decay of the matrices (§4.2; default: 0.1)")
+    add("--mtp", type=number(int, 0, 16), help="multi-token prediction depth, 0 disables it (default: the preset's)")
     add("--mtp-weight", type=nonneg, default=0.3, help="MTP loss weight λ before --decay-start (§4.2; default: 0.3)")
     add("--mtp-weight-late", type=nonneg, default=0.1, help="λ after --decay-start (§4.2; default: 0.1)")
     add("--bias-update-speed", type=nonneg, help="γ of the aux-loss-free routing bias update (default: the preset's; §4.2: 0.001)")
@@ -429,24 +550,26 @@ def get_parser():
     add("--eval-batches", type=positive_int, default=8, help="validation batches (default: 8)")
     add("--save-interval", type=positive_int, default=200, help="steps between checkpoints (default: 200)")
     add("--sample-bytes", type=count, default=200, help=f"bytes to sample (temperature 0.8) after {SAMPLE_PROMPT!r} at the end, 0 skips (default: 200)")
-    add("--seed", type=int, default=0, help="seeds the initialisation and the data order (default: 0)")
+    add("--seed", type=seed_number, default=0, help="seeds the initialisation and the data order (default: 0)")
     add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     add("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="autocast compute dtype; weights and AdamW stay float32 (default: bfloat16)")
     add("--compile", action="store_true", help="torch.compile the training forward")
     add("--fp8", action="store_true", help="FP8 block-quantized matmuls (§3.3)")
     add("--resume", action="store_true", help="continue the run saved in --out; flags not given keep the run's values")
+    add("--overwrite", action="store_true", help="start afresh in an --out that holds another run's checkpoint, deleting it")
     add("--dry-run", action="store_true", help="print parameters, FLOPs and memory of the preset, build nothing")
     return p
 
 
-NOT_SAVED = {"resume", "dry_run", "stop_at", "device"}  # about this invocation, not the run
+NOT_SAVED = {"resume", "overwrite", "dry_run", "stop_at", "device"}  # about this invocation, not the run
 
 
 def parse_args(argv=None):
     parser = get_parser()
     a = parser.parse_args(argv)
     if a.resume:  # argparse keeps attributes already in the namespace: the run's values become defaults
-        a = parser.parse_args(argv, namespace=argparse.Namespace(**read_checkpoint(a.out, False)[0]["args"]))
+        saved = saved_args(os.path.join(a.out, "train_state.safetensors"), read_checkpoint(a.out, False)[0]["args"])
+        a = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
     a.device = pick_device(a.device)
     a.preset = a.preset or ("small" if a.device.type == "cuda" else "tiny")
     defaults = PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"])
@@ -517,6 +640,38 @@ def dry_run(a, margs):
 
 
 # ------------------------------------------------------------------------------ training
+def claim_out(a):
+    """Hold --out's lock for the run (flock: the OS drops it when the process ends, even by kill -9),
+    so that a second run on the same folder stops instead of interleaving checkpoints. Under it:
+    delete the temporary files of killed writers, and refuse to start afresh over another run's
+    checkpoint unless --overwrite (which deletes that checkpoint and its metrics first, so that a
+    kill before the first save cannot leave the old checkpoint beside the new run's metrics).
+    -> the open lock file (closing it releases the lock); under torchrun rank 0 alone takes it."""
+    if int(os.environ.get("RANK", "0")):
+        return contextlib.nullcontext()
+    try:
+        lock = open(os.path.join(a.out, ".lock"), "a")
+    except OSError as e:
+        die(f"--out {a.out}: cannot open {a.out}/.lock ({e.strerror}); remove what is there or choose another --out")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.close()
+        if not isinstance(e, BlockingIOError):  # e.g. a file system without locks
+            die(f"--out {a.out}: cannot lock {a.out}/.lock ({e.strerror}); choose an --out on a local disk")
+        die(f"--out {a.out}: another run is using it (it holds {a.out}/.lock); wait for it to end or choose another --out")
+    remove_stale_temporaries(a.out)
+    if not a.resume and os.path.lexists(os.path.join(a.out, "train_state.safetensors")):
+        if not a.overwrite:
+            lock.close()
+            die(f"--out {a.out} holds the checkpoint of another run; continue it with --resume, choose another "
+                "--out, or pass --overwrite to replace it")
+        for name in ("train_state.safetensors", "train_state.json", "metrics.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(a.out, name))
+    return lock
+
+
 def main(argv=None):
     a, margs = parse_args(argv)
     if a.dry_run:
@@ -529,14 +684,30 @@ def main(argv=None):
         os.remove(os.path.join(a.out, ".probe"))
     except OSError as e:
         die(f"--out {a.out}: cannot write there ({e.strerror}); choose a writable folder with --out")
-    train_docs, val_docs = load_documents(a.data)
+    with claim_out(a):  # held for the whole run
+        return train(a, margs)
+
+
+def train(a, margs):
+    skipped = []
+    train_docs, val_docs = load_documents(a.data, skipped)
     data = dict(files=len(train_docs), bytes=sum(map(len, train_docs)))
 
     rank, world, device = init_distributed(a.device)
     lead = rank == 0  # rank 0 alone evaluates, logs and writes checkpoints
     say = print if lead else lambda *args, **kw: None
+    if skipped:
+        say(f"warning: --data: skipped {len(skipped)} files that are not regular or not readable, e.g. {skipped[0]}")
     if a.batch_size % world:
         die(f"--batch-size {a.batch_size} does not split over {world} ranks; use a multiple of {world}")
+    rows = math.ceil(sum(len(d) + 1 for d in train_docs) / a.seq_len)  # an epoch has at least these
+    if world > 1 and rows < a.batch_size:
+        die(f"--data: {rows} rows of {a.seq_len} tokens, fewer than one --batch-size {a.batch_size} to split over "
+            f"{world} ranks; lower --batch-size or --seq-len, or give more text")
+    mem = training_memory(margs, a.batch_size, a.seq_len)  # the dry run's count; its weights part is a floor
+    if short := memory_shortfall(mem["weights"] + mem["gradients"] + mem["AdamW moments"], device):
+        die(f"--preset {a.preset}: training (float32 weights, gradients and AdamW moments; activations not counted) "
+            f"{short}; choose a smaller --preset (python train.py --dry-run --preset {a.preset} shows the memory)")
     if device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
         torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
         torch.utils.deterministic.fill_uninitialized_memory = False  # exactness needs no NaN-filled empty()
@@ -562,9 +733,12 @@ def main(argv=None):
     batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, state["epoch"], state["batch"], drop_last=world > 1)
     val = val_batches(val_docs, a.seq_len, a.batch_size, a.eval_batches)
     metrics_path = os.path.join(a.out, "metrics.jsonl")
-    kept = [line for line in open(metrics_path) if logged_by(line, state["step"])] if a.resume and os.path.exists(metrics_path) else []
+    kept = kept_metrics(metrics_path, state["step"]) if a.resume else []
     if lead:
-        atomic_write(metrics_path, lambda p: Path(p).write_text("".join(kept)))  # drop lines logged after the checkpoint
+        try:
+            atomic_write(metrics_path, lambda p: Path(p).write_text("".join(kept)))  # drop lines logged after the checkpoint
+        except OSError as e:
+            die(f"--out {a.out}: cannot write metrics.jsonl ({e.strerror}); free space or fix the folder's permissions")
     metrics = open(metrics_path, "a") if lead else None
     run = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}  # what the checkpoint carries
     sched = {k: run[k] for k in ("max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac", "mtp_weight", "mtp_weight_late")}
@@ -641,6 +815,10 @@ def main(argv=None):
         pbar.close()
         say(f"interrupted at step {step}, {on_disk()}; continue with --resume", file=sys.stderr)
         sys.exit(130)
+    except (OSError, SafetensorError) as e:  # only writes do I/O in the loop: disk full, a file-size limit, permissions
+        pbar.close()
+        die(f"cannot write to {a.out}/ at step {step} ({getattr(e, 'strerror', None) or ' '.join(str(e).split())}); "
+            f"{on_disk()}; free space or fix permissions, then continue with --resume")
     pbar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -660,4 +838,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # during start-up or the final sample; the training loop reports its own
+        print("error: interrupted; the checkpoint in --out is as its last save left it", file=sys.stderr)
+        sys.exit(130)
