@@ -39,7 +39,8 @@ from safetensors import SafetensorError
 
 from model import PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model, setup_cache
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIALS, Parser, count, decode, die, encode, fim_prompt,
-                   human_bytes, init_distributed, nonneg, number, pick_device, positive_int, seed_number, thread_count)
+                   human_bytes, init_distributed, leave_distributed, nonneg, number, pick_device, positive_int,
+                   seed_number, thread_count)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
@@ -400,7 +401,8 @@ def main(argv=None):
     if a.bench:
         if a.max_new_tokens < 2:
             die("--bench times the tokens after the first; use --max-new-tokens 2 or more")
-        return bench(model, ids, a)
+        bench(model, ids, a)
+        return leave_distributed(world)
 
     printer = Printer(vocab.decode or (lambda ids: ",".join(map(str, ids))))
     printer.write(echo)
@@ -417,8 +419,7 @@ def main(argv=None):
         line.append(f"MTP acceptance {acceptance(stats)}")
     if rank == 0:
         print(" | ".join(line + [peak_memory(a.device)]), file=sys.stderr)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    leave_distributed(world)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,18 @@ def init_distributed(device):
     return dist.get_rank(), world, device
 
 
+def leave_distributed(world):
+    """End a torchrun rank (the identity in one process): destroy the process group, flush, and exit
+    without Python's shutdown. Gloo's worker threads can outlive destroy_process_group (here once a
+    model has been built on the meta device, as the memory check and sharded loading do) and free a
+    collective's tensors while the interpreter shuts down, which aborts the rank with SIGABRT
+    ("terminate called without an active exception"; about one run in ten on a busy machine)."""
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+
+
 def all_mean(values, world, device):
     """Average a list of floats over the ranks (the identity in one process). The reduction runs on
     the training device: NCCL reduces CUDA tensors only."""
@@ -820,14 +832,11 @@ def train(a, margs):
         die(f"cannot write to {a.out}/ at step {step} ({getattr(e, 'strerror', None) or ' '.join(str(e).split())}); "
             f"{on_disk()}; free space or fix permissions, then continue with --resume")
     pbar.close()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    if not lead:
-        return
-    steady = times[1:] or times  # the first step pays for warm-up (and compilation)
-    print(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte = {rec['val_bpb']:.4f} bits/byte, "
-          f"{tokens_per_step * len(steady) / sum(steady):,.0f} tokens/s; checkpoint in {a.out}/")
-    if a.sample_bytes:
+    if lead:
+        steady = times[1:] or times  # the first step pays for warm-up (and compilation)
+        print(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte = {rec['val_bpb']:.4f} bits/byte, "
+              f"{tokens_per_step * len(steady) / sum(steady):,.0f} tokens/s; checkpoint in {a.out}/")
+    if lead and a.sample_bytes:
         model.eval()
         prompt = torch.tensor([encode(SAMPLE_PROMPT)], device=device)
         torch.manual_seed(a.seed)
@@ -835,6 +844,7 @@ def train(a, margs):
             ids = model.generate(prompt, min(a.sample_bytes, margs.max_seq_len - prompt.shape[1]),
                                  temperature=0.8, top_p=0.95)
         print(f"sample (temperature 0.8, top-p 0.95):\n{decode(ids[0].tolist())}")
+    leave_distributed(world)
 
 
 if __name__ == "__main__":
