@@ -28,7 +28,7 @@ from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transf
                    decode_step, draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict,
                    kv_bytes_per_token, padded_experts, precompute_freqs_cis, probs, setup_cache)
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, all_mean, decode, encode, epoch_stream, evaluate,
-                   fim_prompt, fim_split, load_documents, main, schedule, val_batches)
+                   fim_prompt, fim_split, leave_distributed, load_documents, main, schedule, val_batches)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -1799,7 +1799,7 @@ def _parallel_worker(rank, world, folder, tokens):
         results[name, "one row"] = model.generate(tokens[:1], 8)  # 1 token x 2 experts < 4: the decode branch
     if rank == 0:
         torch.save(results, folder / "parallel.pt")
-    torch.distributed.destroy_process_group()
+    leave_distributed(world)  # as the scripts leave: see its docstring
 
 
 def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
