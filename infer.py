@@ -39,8 +39,8 @@ from safetensors import SafetensorError
 
 from model import PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model, setup_cache
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIALS, Parser, count, decode, die, encode, fim_prompt,
-                   human_bytes, init_distributed, leave_distributed, nonneg, number, pick_device, positive_int,
-                   seed_number, thread_count)
+                   human_bytes, init_distributed, leave_distributed, nonneg, number, one_line, pick_device,
+                   positive_int, seed_number, thread_count)
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
@@ -109,9 +109,9 @@ def load_model(a, rank=0, world=1):
     try:
         return Transformer.from_pretrained(a.ckpt, device=a.device, dtype=DTYPES[a.dtype], rank=rank, world_size=world)
     except CheckpointError as e:
-        die(" ".join(str(e).split()))
+        die(one_line(e))
     except (SafetensorError, OSError, ValueError, KeyError) as e:  # e.g. a torn index or tensor data
-        die(f"cannot load the checkpoint in {a.ckpt}: {' '.join(str(e).split())}; "
+        die(f"cannot load the checkpoint in {a.ckpt}: {one_line(e)}; "
             "re-save it or point --ckpt at another folder")
 
 
@@ -146,7 +146,7 @@ def read_json(path):
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
-        die(f"cannot read {path}: {' '.join(str(e).split())}; fix or remove it")
+        die(f"cannot read {path}: {one_line(e)}; fix or remove it")
     return config if isinstance(config, dict) else {}
 
 
@@ -190,7 +190,7 @@ def load_tokenizer(ckpt, vocab_size):
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # the package raises plain Exceptions for malformed files
-        die(f"cannot read {path}: {' '.join(str(e).split())}; replace it or pass --prompt-ids")
+        die(f"cannot read {path}: {one_line(e)}; replace it or pass --prompt-ids")
     bos, end = special_ids(ckpt, tok.token_to_id, vocab_size)
     fims = [tuple(map(tok.token_to_id, names)) for names in FIM_NAMES]
     return Vocab(lambda text: tok.encode(text).ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
@@ -347,7 +347,7 @@ def dry_run(a):
         args = (ModelArgs.from_preset(a.ckpt) if a.ckpt in PRESETS and not os.path.isdir(a.ckpt) else
                 ModelArgs.from_hf_config(json.loads(open(os.path.join(a.ckpt, "config.json")).read())))
     except (OSError, ValueError, RecursionError) as e:
-        die(f"--dry-run: cannot read the config of {a.ckpt}: {' '.join(str(e).split())}; give a checkpoint "
+        die(f"--dry-run: cannot read the config of {a.ckpt}: {one_line(e)}; give a checkpoint "
             f"folder or a preset ({', '.join(PRESETS)})")
     try:
         model = meta_model(args, 0, a.dry_run, DTYPES[a.dtype])  # fp8: FP8 projections, the rest bfloat16

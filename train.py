@@ -81,6 +81,11 @@ def die(msg):
     sys.exit(2)
 
 
+def one_line(e):
+    """An exception's text on one line (file errors can quote paths with newlines in them)."""
+    return " ".join(str(e).split())
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + message; one line says enough
         die(f"{message} (see python {self.prog} --help)")
@@ -408,7 +413,7 @@ def read_checkpoint(out, with_tensors=True):
             tensors = {k: f.get_tensor(k) for k in f.keys() if with_tensors}
         state = json.loads(meta["train_state"])
     except (SafetensorError, OSError) as e:
-        bad_resume(path, f"is not a readable safetensors file ({' '.join(str(e).split())})")
+        bad_resume(path, f"is not a readable safetensors file ({one_line(e)})")
     except KeyError:
         bad_resume(path, "has no train_state metadata (not a checkpoint of train.py)")
     except (ValueError, RecursionError):
@@ -829,7 +834,7 @@ def train(a, margs):
         sys.exit(130)
     except (OSError, SafetensorError) as e:  # only writes do I/O in the loop: disk full, a file-size limit, permissions
         pbar.close()
-        die(f"cannot write to {a.out}/ at step {step} ({getattr(e, 'strerror', None) or ' '.join(str(e).split())}); "
+        die(f"cannot write to {a.out}/ at step {step} ({getattr(e, 'strerror', None) or one_line(e)}); "
             f"{on_disk()}; free space or fix permissions, then continue with --resume")
     pbar.close()
     if lead:
