@@ -9,6 +9,15 @@ warmup-constant-cosine schedule, multi-token prediction and auxiliary-loss-free 
     python train.py --dry-run --preset deepseek-v3    # params, FLOPs, memory; builds nothing
     python infer.py --prompt "def "                   # sample from out/
 
+Part 1, the recipe (§4.1-4.2), in the order a step meets it:
+    the recipe table ...... each number of the report's pre-training, and where it lives here
+    byte tokenizer, FIM ... ids 0-255 are the bytes, then four specials; PSM at rate 0.1 (§4.1)
+    data .................. documents -> one shuffled stream per epoch -> packed rows -> batches
+    schedule, evaluation .. LR and MTP weight λ by step; validation bits per byte
+    train_step, train ..... one optimizer step (losses, clip, AdamW, bias update); the loop
+Part 2, the harness: command line and presets, balancing modes, distributed helpers, checkpoints
+    and resume, the run's files (metrics, progress, out/ lock), dry run, main.
+
 Default data: the running Python's standard library (.py files; site-packages and tests left
 out). 2.5% of the files, picked by a hash of their path, are held out for validation. out/ gets
 config.json + model.safetensors (the published Hugging Face layout, what infer.py loads),
@@ -30,8 +39,14 @@ import sysconfig
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (main's handlers come later)
+
+def exit_quietly_on_ctrl_c():
+    """Ctrl-C while torch loads: one line and exit 130, no traceback (main restores the default)."""
     signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
+
+
+if __name__ == "__main__":
+    exit_quietly_on_ctrl_c()
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +57,9 @@ from tqdm import tqdm
 from model import (ModelArgs, Transformer, accounting, atomic_write, memory_shortfall, remove_stale_temporaries,
                    training_memory)
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
-
-# ------------------------------------------------------------------------------ the recipe
+# ==============================================================================================
+# Part 1: the recipe
+# ==============================================================================================
 # DeepSeek-V3's pre-training recipe (§4.2; FIM §4.1): the paper's rules, with the sizes scaled
 # down per preset. Where each number lives:
 #   init std 0.006 for every matrix                ModelArgs.init_std (toy widths scale it up)
@@ -56,122 +70,19 @@ if __name__ == "__main__":
 #   decay to 2.2e-5 (then 500B tokens at constant  (our cosine ends at the last step)
 #   2.2e-5 and 7.3e-6)
 #   MTP loss weight λ 0.3, then 0.1 after 10T      --mtp-weight, --mtp-weight-late (at --decay-start)
-#   bias update speed γ 0.001                      ModelArgs.bias_update_speed, --bias-update-speed
+#   bias update speed γ 0.001 for the first        ModelArgs.bias_update_speed, --bias-update-speed
+#   14.3T tokens, then 0                           (ours stays on to the end)
 #   sequence-wise balance loss α 0.0001            ModelArgs.balance_alpha
 #   15360 sequences of 4096 tokens a step          PRESET_DEFAULTS (the paper ramps it up from 3072)
 #   Fill-in-the-Middle, PSM, 10% of the documents  FIM_RATE, epoch_stream()
 BETAS, CLIP = (0.9, 0.95), 1.0
-PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3, grad_accum=1),  # for flags left unset
-                   "small": dict(batch_size=32, seq_len=1024, lr=1e-3, grad_accum=1),
-                   "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4, grad_accum=1)}
-# --fp8 keeps float32 activations (FP8Matmul saves its input): the same tokens per step in two
-# micro-batches, so that `python train.py --fp8` on one 80 GB GPU fits (dry run: 66 GiB, not 118)
-FP8_DEFAULTS = {"small": dict(batch_size=16, grad_accum=2)}
 FIM_RATE = 0.1
-DEFAULT_MAX_STEPS = 900  # `python train.py`: minutes on a laptop CPU, not hours
 VAL_FRACTION = 0.025  # share of the files held out for validation
-STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
-               "pydoc_data"}  # pydoc_data: generated English prose in one huge string, not Python
 SAMPLE_PROMPT = "def "
 
 
-# ------------------------------------------------------------------------------ command line (infer.py uses it too)
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def one_line(e):
-    """An exception's text on one line (file errors can quote paths with newlines in them)."""
-    return " ".join(str(e).split())
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; one line says enough
-        die(f"{message} (see python {self.prog} --help)")
-
-
-def number(kind, low, high=math.inf, strict=False):
-    """argparse type: a finite number >= low (> low if strict), <= high."""
-    def parse(s):
-        v = kind(s)
-        if v < low or (strict and v == low) or not v <= high or v == math.inf:
-            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
-        return v
-    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for text
-    return parse
-
-
-positive_int, count, nonneg, fraction = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
-seed_number = number(int, 0, 2**64 - 1)  # what torch.manual_seed can hold
-thread_count = number(int, 1, os.cpu_count() or 1)  # OpenMP crashes far above the core count
-
-
-def pick_device(name):
-    """--device (None: cuda when there is one, else cpu) -> torch.device, or a one-line error."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        die(f"--device {name}: not a device name; use cpu or cuda")
-    if device.type not in ("cpu", "cuda"):
-        die(f"--device {name}: only cpu and cuda are supported; use --device cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return device
-
-
-
-def init_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1) each process is one rank: gloo on CPU, NCCL on CUDA (one GPU
-    per rank). -> (rank, world size, this rank's device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world, device
-
-
-def leave_distributed(world):
-    """End a torchrun rank (the identity in one process): destroy the process group, flush, and exit
-    without Python's shutdown. Gloo's worker threads can outlive destroy_process_group (here once a
-    model has been built on the meta device, as the memory check and sharded loading do) and free a
-    collective's tensors while the interpreter shuts down, which aborts the rank with SIGABRT
-    ("terminate called without an active exception"; about one run in ten on a busy machine)."""
-    if world > 1:
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
-
-
-def all_mean(values, world, device):
-    """Average a list of floats over the ranks (the identity in one process). The reduction runs on
-    the training device: NCCL reduces CUDA tensors only."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return (t / world).tolist()
-
-
-def human(x, k=1000, units=("", "K", "M", "B", "T")):
-    for unit in units[:-1]:
-        if abs(x) < k:
-            return f"{x:.4g}{unit}"
-        x /= k
-    return f"{x:.4g}{units[-1]}"
-
-
-def human_bytes(b):
-    return human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
-
-
-# ------------------------------------------------------------------------------ byte tokenizer
+# ----------------------------------------------------------------------------------------------
+# The byte tokenizer and Fill-in-the-Middle
 EOT, FIM_BEGIN, FIM_HOLE, FIM_END = 256, 257, 258, 259  # ids 0..255 are the bytes themselves
 SPECIALS = {EOT: "<|endoftext|>", FIM_BEGIN: "<|fim_begin|>", FIM_HOLE: "<|fim_hole|>", FIM_END: "<|fim_end|>"}
 
@@ -200,80 +111,36 @@ def fim_prompt(prefix, suffix, encode=encode, fim=(FIM_BEGIN, FIM_HOLE, FIM_END)
     return [begin, *encode(prefix), hole, *encode(suffix), end]
 
 
-# ------------------------------------------------------------------------------ data
-def regular(path):
-    """Only regular files are read: a FIFO would block forever, a device (or a symlink to one) never
-    ends, a dangling symlink has nothing behind it."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
+def fim_split(doc, rng):
+    """Cut a document at two uniformly random positions into (prefix, middle, suffix)."""
+    i, j = sorted((rng.randint(0, len(doc)), rng.randint(0, len(doc))))
+    return doc[:i], doc[i:j], doc[j:]
 
 
-def find_files(data):
-    """--data (None: this Python's standard library) -> (root, sorted file paths, files skipped as
-    not regular)."""
-    if data is None:
-        root, suffix, skip = sysconfig.get_paths()["stdlib"], ".py", STDLIB_SKIP
-    elif os.path.isdir(data):
-        root, suffix, skip = data, "", {"__pycache__"}
-    elif regular(data):
-        return os.path.dirname(os.path.abspath(data)), [data], []
-    elif os.path.lexists(data):
-        what = "a symlink to nothing" if not os.path.exists(data) else "not a regular file (a FIFO, socket or device)"
-        die(f"--data {data}: {what}; pass a text file, a folder or a glob")
-    elif any(c in data for c in "*?["):
-        paths = sorted(glob.glob(data, recursive=True))
-        files = [p for p in paths if regular(p)]
-        return (os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files] or ["."]), files,
-                [p for p in paths if not regular(p) and not os.path.isdir(p)])
-    else:
-        die(f"--data {data}: no such file or folder; pass a text file, a folder or a glob")
-    paths = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
-        paths += [os.path.join(folder, f) for f in files if f.endswith(suffix) and not f.startswith(".")]
-    return root, sorted(p for p in paths if regular(p)), sorted(p for p in paths if not regular(p))
-
-
+# ----------------------------------------------------------------------------------------------
+# Data: documents -> one stream per epoch -> packed rows -> micro-batches
 def load_documents(data, skipped=None):
-    """-> (train, val): int16 tensors, one per text file, split by a SHA-256 of the path relative
-    to the data root (stable across runs and machines, unlike Python's salted hash()). The paths
-    of the files not read (not regular, or unreadable) go to the list `skipped`."""
+    """--data (None: this Python's standard library) -> (train, val): int16 tensors, one per text
+    file, split by a SHA-256 of the path relative to the data root (stable across runs and
+    machines, unlike Python's salted hash()). With too few files to hold one out, the tail of each
+    file is held out instead. The paths of the files not read go to the list `skipped`."""
     root, paths, not_regular = find_files(data)
     skipped = [] if skipped is None else skipped
     skipped += not_regular
     train, val = [], []
-    for path in paths:
-        try:
-            raw = Path(path).read_bytes()
-        except OSError:  # unreadable (permissions), or gone since the listing
-            skipped.append(path)
-            continue
-        if raw and b"\0" not in raw[:8192]:  # skip empty and binary files
-            rel = os.path.relpath(path, root).replace(os.sep, "/")
-            h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
-            (val if h < VAL_FRACTION else train).append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).short())
-    unread = f" ({len(skipped)} not regular or unreadable files skipped, e.g. {skipped[0]})" if skipped else ""
-    if not train and not val:
-        die(f"--data {data or root}: no text found{unread}; point --data at a text file or a folder of text files")
-    if not train or not val:  # too few files to hold one out: hold out the tail of each (>= 1 byte)
+    for path, raw in read_texts(paths, skipped):
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
+        (val if h < VAL_FRACTION else train).append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).short())
+    if train and not val or val and not train:  # hold out the tail of each file (>= 1 byte)
         docs, cut = train + val, lambda d: min(len(d) - 1, math.ceil(len(d) * (1 - VAL_FRACTION)))
         train, val = [d[:cut(d)] for d in docs if cut(d) > 0], [d[cut(d):] for d in docs]
-    if not train:
-        die(f"--data {data or root}: {sum(map(len, val))} bytes of text, too little to train on what the "
-            f"validation split leaves{unread}; give more text")
+    check_documents(data, root, train, val, skipped)
     return train, val
 
 
 def special(i):
     return torch.tensor([i], dtype=torch.int16)
-
-
-def fim_split(doc, rng):
-    """Cut a document at two uniformly random positions into (prefix, middle, suffix)."""
-    i, j = sorted((rng.randint(0, len(doc)), rng.randint(0, len(doc))))
-    return doc[:i], doc[i:j], doc[j:]
 
 
 def epoch_stream(docs, rng, fim_rate=FIM_RATE):
@@ -339,7 +206,60 @@ def val_batches(docs, seq_len, batch_size, n_batches):
     return [(x[ids].long(), y[ids].long()) for ids in keep.split(batch_size)]
 
 
-# ------------------------------------------------------------------------------ evaluation, schedule
+# ----------------------------------------------------------------------------------------------
+# The schedule
+def schedule(step, a):
+    """(lr, MTP weight λ) for 0-based `step`, §4.2 in shape: linear warmup, constant, then from
+    decay_start a cosine decay to min_lr_frac * lr at the last step, while λ drops 0.3 -> 0.1."""
+    decay_start = int(a.decay_start * a.max_steps)
+    if step < decay_start:
+        return a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps)), a.mtp_weight
+    t = min(1.0, (step - decay_start) / max(1, a.max_steps - decay_start))
+    return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))), a.mtp_weight_late
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step and the loop
+def train_step(model, fwd, optimizer, batches, a, lr, mtp_weight, gamma, autocast, rank=0, world=1):
+    """One optimizer step -> the step's losses (averaged over ranks), gradient norm and MaxVio.
+    `fwd` is the model as called (data-parallel and/or compiled); `model` itself takes the update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # forward and backward over the micro-batches, each rank on its share of every micro-batch
+    logs = dict.fromkeys(("loss", "ce", "mtp", "balance"), 0.0)
+    for _ in range(a.grad_accum):
+        x, y = (t[rank::world].to(a.device, non_blocking=True) for t in next(batches))
+        with autocast:
+            _, losses = fwd(x, y, mtp_weight=mtp_weight)  # CE + λ·MTP (eq. 25) + α·balance (eq. 17)
+        (losses["loss"] / a.grad_accum).backward()
+        for k in logs:
+            logs[k] += float(losses[k].detach()) / a.grad_accum
+    logs = dict(zip(logs, all_mean(list(logs.values()), world, a.device)))
+    # clip the gradient norm at 1.0; a non-finite loss or gradient stops before the weights see it
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+    stop_if_not_finite(logs["loss"], grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # aux-loss-free balancing (§2.1.2) from the expert loads of the whole step: every rank sums
+    # the loads of the global batch and so applies the same bias update
+    all_sum([moe.load for moe in model.moe_layers()], world)
+    maxvio = model.update_bias(gamma)
+    return dict(loss=logs["loss"], ce=logs["ce"], mtp_loss=logs["mtp"], balance_loss=logs["balance"],
+                grad_norm=grad_norm, maxvio_mean=float(maxvio.mean()) if len(maxvio) else 0.0,
+                maxvio_max=float(maxvio.max()) if len(maxvio) else 0.0)
+
+
+def adamw(model, a):
+    """AdamW (§4.2) -> (optimizer, parameter names in its order). Weight decay on every matrix, the
+    embedding and head included: the paper names one decay and no exceptions, as nanoGPT does. Not
+    on the 1-D RMSNorm gains, where decay would shrink activations rather than regularise. The
+    routing bias is a buffer, not a parameter (§2.1.2)."""
+    named = sorted(model.named_parameters(), key=lambda kv: kv[1].ndim < 2)  # matrices first
+    groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": a.weight_decay},
+              {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=a.lr, betas=BETAS, fused=a.device.type == "cuda"), [k for k, _ in named]
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
     """Next-byte cross-entropy of the main head, in nats per byte. Only byte targets count: the
@@ -357,17 +277,360 @@ def evaluate(model, batches, device, autocast):
     return nll / n
 
 
-def schedule(step, a):
-    """(lr, MTP weight λ) for 0-based `step`, §4.2 in shape: linear warmup, constant, then from
-    decay_start a cosine decay to min_lr_frac * lr at the last step, while λ drops 0.3 -> 0.1."""
-    decay_start = int(a.decay_start * a.max_steps)
-    if step < decay_start:
-        return a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps)), a.mtp_weight
-    t = min(1.0, (step - decay_start) / max(1, a.max_steps - decay_start))
-    return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))), a.mtp_weight_late
+def train(a, margs):
+    """Pre-training: data, model and optimizer, then train_step until --max-steps (or --stop-at),
+    validating every --eval-interval steps and saving every --save-interval; a sample at the end."""
+    skipped = []
+    train_docs, val_docs = load_documents(a.data, skipped)
+    rank, world, a.device = init_distributed(a.device)
+    check_run(a, margs, train_docs, skipped, rank, world)  # refusals before anything is allocated
+    autocast = torch.autocast(a.device.type, torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
+    torch.manual_seed(a.seed)
+    model = Transformer(margs).to(a.device)
+    # data parallel: gradients averaged over the ranks; buffers not broadcast, so that each rank
+    # keeps its own expert-load counts until train_step sums them for the bias update
+    fwd = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    fwd = torch.compile(fwd) if a.compile else fwd
+    optimizer, param_names = adamw(model, a)
+    gamma = bias_update_speed(a, margs)
+    run = Run(a, margs, model, optimizer, param_names, train_docs, val_docs, rank, world)  # resumes with --resume
+    batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, run.epoch, run.batch, drop_last=world > 1)
+    val = val_batches(val_docs, a.seq_len, a.batch_size, a.eval_batches)
+    if run.step >= run.stop:
+        return run.say(f"the run in {a.out}/ is at step {run.step} already; raise --max-steps to train on")
+    with run.progress():
+        for step in range(run.step, run.stop):
+            t0 = time.perf_counter()
+            lr, mtp_weight = schedule(step, a)
+            logs = train_step(model, fwd, optimizer, batches, a, lr, mtp_weight, gamma, autocast, rank, world)
+            logs.update(lr=lr, mtp_weight=mtp_weight, seconds=synchronized_time(a.device) - t0)
+            if rank == 0 and (step + 1 == run.stop or (step + 1) % a.eval_interval == 0):
+                logs["val_loss"] = evaluate(model, val, a.device, autocast)
+                model.update_bias(0.0)  # the evaluation's expert loads must not steer the routing bias
+            run.log(step + 1, logs, batches)  # the metrics line, the progress bar, the checkpoint
+    run.finish()
+    if rank == 0 and a.sample_bytes:
+        model.eval()
+        prompt = torch.tensor([encode(SAMPLE_PROMPT)], device=a.device)
+        torch.manual_seed(a.seed)
+        with autocast:  # greedy decoding of a small byte model loops; sample as infer.py does
+            ids = model.generate(prompt, min(a.sample_bytes, margs.max_seq_len - prompt.shape[1]),
+                                 temperature=0.8, top_p=0.95)
+        print(f"sample (temperature 0.8, top-p 0.95):\n{decode(ids[0].tolist())}")
+    leave_distributed(world)
 
 
-# ------------------------------------------------------------------------------ checkpoints
+# ==============================================================================================
+# Part 2: the harness. Command line, checks, checkpoints and the run's files, dry run, main.
+# ==============================================================================================
+PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3, grad_accum=1),  # for flags left unset
+                   "small": dict(batch_size=32, seq_len=1024, lr=1e-3, grad_accum=1),
+                   "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4, grad_accum=1)}
+# --fp8 keeps float32 activations (FP8Matmul saves its input): the same tokens per step in two
+# micro-batches, so that `python train.py --fp8` on one 80 GB GPU fits (dry run: 63.9 GiB)
+FP8_DEFAULTS = {"small": dict(batch_size=16, grad_accum=2)}
+DEFAULT_MAX_STEPS = 900  # `python train.py`: minutes on a laptop CPU, not hours
+STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+               "pydoc_data"}  # pydoc_data: generated English prose in one huge string, not Python
+
+# --balance picks how the routed experts are kept evenly loaded, for the ablations of §4.5.2-3:
+# each mode sets the bias update speed γ and the balance loss α * sum_i f_i P_i (eq. 17-20), with
+# f and P taken per sequence or over the whole batch. AUX_ALPHA is DeepSeek-V2's expert-level
+# balance factor α1 = 0.003 (arXiv 2405.04434, §3.1.2), the baseline V3's Table 5 compares against;
+# taken as it is, since sum_i f_i P_i is 1 at perfect balance whatever the number of experts, and
+# the presets already scale the learning rate through which the loss acts.
+AUX_ALPHA = 0.003
+BALANCE = {  # mode -> (help, ModelArgs overrides, whether the routing bias is updated)
+    "aux-free": ("§2.1.2, the default: bias update with speed γ plus the complementary sequence-wise "
+                 "loss with the preset's tiny α (1e-4)", {}, True),
+    "aux-loss": (f"§4.5.2 (Table 5's baseline): DeepSeek-V2's expert-level auxiliary loss per sequence, "
+                 f"α {AUX_ALPHA}, no bias", dict(balance_alpha=AUX_ALPHA), False),
+    "batch-aux": (f"§4.5.3: the auxiliary loss with f and P over the whole batch, α {AUX_ALPHA}, no bias",
+                  dict(balance_alpha=AUX_ALPHA, balance_scope="batch"), False),
+    "none": ("no balancing: no bias update, no balance loss (the floor the others are measured against)",
+             dict(balance_alpha=0.0), False),
+}
+
+
+def bias_update_speed(a, margs):
+    """γ of this run: the preset's or --bias-update-speed in mode aux-free, else 0."""
+    if a.no_bias_update or not BALANCE[a.balance][2]:
+        return 0.0
+    return margs.bias_update_speed if a.bias_update_speed is None else a.bias_update_speed
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (infer.py uses its helpers too)
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(e):
+    """An exception's text on one line (file errors can quote paths with newlines in them)."""
+    return " ".join(str(e).split())
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; one line says enough
+        die(f"{message} (see python {self.prog} --help)")
+
+
+def number(kind, low, high=math.inf, strict=False):
+    """argparse type: a finite number >= low (> low if strict), <= high."""
+    def parse(s):
+        v = kind(s)
+        if v < low or (strict and v == low) or not v <= high or v == math.inf:
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
+        return v
+    parse.__name__ = kind.__name__  # so argparse says "invalid int value" for text
+    return parse
+
+
+positive_int, count, nonneg, fraction = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
+seed_number = number(int, 0, 2**64 - 1)  # what torch.manual_seed can hold
+thread_count = number(int, 1, os.cpu_count() or 1)  # OpenMP crashes far above the core count
+
+
+def get_parser():
+    p = Parser(prog="train.py", description="Train DeepSeek-V3 on bytes; the docstring of train.py has examples.")
+    add = p.add_argument
+    add("--preset", help="model: tiny, small or deepseek-v3 (default: tiny on CPU, small on GPU)")
+    add("--data", help="text file, folder (all text files below it) or glob (default: this Python's standard library)")
+    add("--out", default="out", help="folder for the checkpoint and metrics.jsonl (default: out)")
+    add("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS, help="optimizer steps; the schedules span them (default: %(default)s)")
+    add("--stop-at", type=positive_int, help="stop with a checkpoint after this step, schedule unchanged; continue with --resume")
+    add("--batch-size", type=number(int, 1, 2**20), help="sequences per micro-batch, over all ranks together "
+        "(torchrun splits it; default: per preset)")
+    add("--seq-len", type=number(int, 1, 2**24), help="tokens (bytes) per sequence (default: per preset)")
+    add("--grad-accum", type=number(int, 1, 2**20), help="micro-batches per optimizer step (default: 1; 2 for small with --fp8)")
+    add("--lr", type=number(float, 0, 1e30, strict=True), help="peak learning rate (default: per preset)")
+    add("--min-lr-frac", type=fraction, default=0.1, help="final LR / peak LR (§4.2: 2.2e-5 / 2.2e-4; default: 0.1)")
+    add("--warmup-steps", type=count, help="linear warmup steps (default: 5%% of --max-steps)")
+    add("--decay-start", type=fraction, default=0.68, help="fraction of the steps after which the LR decays and λ drops (§4.2: 10T of 14.8T tokens; default: 0.68)")
+    add("--weight-decay", type=fraction, default=0.1, help="AdamW weight decay of the matrices (§4.2; default: 0.1)")
+    add("--mtp", type=number(int, 0, 16), help="multi-token prediction depth, 0 disables it (default: the preset's)")
+    add("--mtp-weight", type=nonneg, default=0.3, help="MTP loss weight λ before --decay-start (§4.2; default: 0.3)")
+    add("--mtp-weight-late", type=nonneg, default=0.1, help="λ after --decay-start (§4.2; default: 0.1)")
+    add("--bias-update-speed", type=nonneg, help="γ of the aux-loss-free routing bias update (default: the preset's; §4.2: 0.001)")
+    add("--no-bias-update", action="store_true", help="γ = 0: freeze the routing bias (ablation)")
+    add("--balance", choices=list(BALANCE), default="aux-free", help="expert load balancing: "
+        + "; ".join(f"{k} = {v[0]}" for k, v in BALANCE.items()) + " (default: %(default)s)")
+    add("--eval-interval", type=positive_int, default=100, help="steps between validations (default: 100)")
+    add("--eval-batches", type=positive_int, default=8, help="validation batches (default: 8)")
+    add("--save-interval", type=positive_int, default=200, help="steps between checkpoints (default: 200)")
+    add("--sample-bytes", type=count, default=200, help=f"bytes to sample (temperature 0.8) after {SAMPLE_PROMPT!r} at the end, 0 skips (default: 200)")
+    add("--seed", type=seed_number, default=0, help="seeds the initialisation and the data order (default: 0)")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    add("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="autocast compute dtype; weights and AdamW stay float32 (default: bfloat16)")
+    add("--compile", action="store_true", help="torch.compile the training forward")
+    add("--fp8", action="store_true", help="FP8 block-quantized matmuls (§3.3)")
+    add("--resume", action="store_true", help="continue the run saved in --out; flags not given keep the run's values")
+    add("--overwrite", action="store_true", help="start afresh in an --out that holds another run's checkpoint, deleting it")
+    add("--dry-run", action="store_true", help="print parameters, FLOPs and memory of the preset, build nothing")
+    return p
+
+
+NOT_SAVED = {"resume", "overwrite", "dry_run", "stop_at", "device"}  # about this invocation, not the run
+
+
+def parse_args(argv=None):
+    parser = get_parser()
+    a = parser.parse_args(argv)
+    if a.resume:  # argparse keeps attributes already in the namespace: the run's values become defaults
+        saved = saved_args(os.path.join(a.out, "train_state.safetensors"), read_checkpoint(a.out, False)[0]["args"])
+        a = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
+    a.device = pick_device(a.device)
+    a.preset = a.preset or ("small" if a.device.type == "cuda" else "tiny")
+    defaults = PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"])
+    for k, v in {**defaults, **(FP8_DEFAULTS.get(a.preset, {}) if a.fp8 else {})}.items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    a.warmup_steps = max(1, a.max_steps // 20) if a.warmup_steps is None else a.warmup_steps
+    if a.bias_update_speed is not None and not BALANCE[a.balance][2]:
+        die(f"--bias-update-speed sets the routing bias of --balance aux-free; --balance {a.balance} has none")
+    overrides = {**({} if a.mtp is None else {"n_mtp": a.mtp}), **({"fp8": True} if a.fp8 else {}), **BALANCE[a.balance][1]}
+    try:
+        return a, ModelArgs.from_preset(a.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        die(f"--preset {a.preset}: {e}")
+
+
+def saved_args(path, args):
+    """The run's saved flags, each re-read by the parser itself, so that it meets its flag's type,
+    bounds and choices; a value that does not come back as it was saved is refused."""
+    parser = get_parser()
+    switch = {action.dest: action.nargs == 0 for action in parser._actions if action.dest != "help"}
+    saved = {k: v for k, v in args.items() if k in switch and k not in NOT_SAVED and v is not None}
+
+    def refuse(message):
+        raise ValueError(message)
+    parser.error = refuse  # instead of exiting with argparse's message
+    for k, v in saved.items():
+        flag = f"--{k.replace('_', '-')}"
+        try:
+            back = getattr(parser.parse_args([] if v is False else [flag] if v is True else [f"{flag}={v}"]), k)
+        except ValueError:
+            back = None
+        if back != v or type(back) is not type(v) and type(v) is not int:  # JSON may write a float as an int
+            bad_resume(path, f"saved {flag} as {v!r}, which the flag does not accept")
+        saved[k] = back
+    return saved
+
+
+def pick_device(name):
+    """--device (None: cuda when there is one, else cpu) -> torch.device, or a one-line error."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name}: not a device name; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        die(f"--device {name}: only cpu and cuda are supported; use --device cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun: one process per rank, each the identity in one process)
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1) each process is one rank: gloo on CPU, NCCL on CUDA (one GPU
+    per rank). -> (rank, world size, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def leave_distributed(world):
+    """End a torchrun rank: destroy the process group, flush, and exit without Python's shutdown.
+    Gloo's worker threads can outlive destroy_process_group (here once a model has been built on
+    the meta device, as the memory check and sharded loading do) and free a collective's tensors
+    while the interpreter shuts down, which aborts the rank with SIGABRT ("terminate called
+    without an active exception"; about one run in ten on a busy machine)."""
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+
+
+def all_mean(values, world, device):
+    """Average a list of floats over the ranks. The reduction runs on the training device: NCCL
+    reduces CUDA tensors only."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return (t / world).tolist()
+
+
+def all_sum(tensors, world):
+    """Sum each tensor over the ranks, in place."""
+    for t in tensors if world > 1 else ():
+        torch.distributed.all_reduce(t)
+
+
+def synchronized_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks: the data, the run's size, the loss
+def regular(path):
+    """Only regular files are read: a FIFO would block forever, a device (or a symlink to one) never
+    ends, a dangling symlink has nothing behind it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def find_files(data):
+    """--data (None: this Python's standard library) -> (root, sorted file paths, files skipped as
+    not regular)."""
+    if data is None:
+        root, suffix, skip = sysconfig.get_paths()["stdlib"], ".py", STDLIB_SKIP
+    elif os.path.isdir(data):
+        root, suffix, skip = data, "", {"__pycache__"}
+    elif regular(data):
+        return os.path.dirname(os.path.abspath(data)), [data], []
+    elif os.path.lexists(data):
+        what = "a symlink to nothing" if not os.path.exists(data) else "not a regular file (a FIFO, socket or device)"
+        die(f"--data {data}: {what}; pass a text file, a folder or a glob")
+    elif any(c in data for c in "*?["):
+        paths = sorted(glob.glob(data, recursive=True))
+        files = [p for p in paths if regular(p)]
+        return (os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files] or ["."]), files,
+                [p for p in paths if not regular(p) and not os.path.isdir(p)])
+    else:
+        die(f"--data {data}: no such file or folder; pass a text file, a folder or a glob")
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        paths += [os.path.join(folder, f) for f in files if f.endswith(suffix) and not f.startswith(".")]
+    return root, sorted(p for p in paths if regular(p)), sorted(p for p in paths if not regular(p))
+
+
+def read_texts(paths, skipped):
+    """-> (path, bytes) of each readable file that is not empty and not binary; the unreadable
+    (permissions, or gone since the listing) go to `skipped`."""
+    for path in paths:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError:
+            skipped.append(path)
+            continue
+        if raw and b"\0" not in raw[:8192]:
+            yield path, raw
+
+
+def check_documents(data, root, train, val, skipped):
+    unread = f" ({len(skipped)} not regular or unreadable files skipped, e.g. {skipped[0]})" if skipped else ""
+    if not train and not val:
+        die(f"--data {data or root}: no text found{unread}; point --data at a text file or a folder of text files")
+    if not train:
+        die(f"--data {data or root}: {sum(map(len, val))} bytes of text, too little to train on what the "
+            f"validation split leaves{unread}; give more text")
+
+
+def check_run(a, margs, train_docs, skipped, rank, world):
+    """Refuse a run that cannot work before anything is allocated; make CPU runs deterministic."""
+    if skipped and rank == 0:
+        print(f"warning: --data: skipped {len(skipped)} files that are not regular or not readable, e.g. {skipped[0]}")
+    if a.batch_size % world:
+        die(f"--batch-size {a.batch_size} does not split over {world} ranks; use a multiple of {world}")
+    rows = math.ceil(sum(len(d) + 1 for d in train_docs) / a.seq_len)  # an epoch has at least these
+    if world > 1 and rows < a.batch_size:
+        die(f"--data: {rows} rows of {a.seq_len} tokens, fewer than one --batch-size {a.batch_size} to split over "
+            f"{world} ranks; lower --batch-size or --seq-len, or give more text")
+    mem = training_memory(margs, a.batch_size, a.seq_len)  # the dry run's count; its weights part is a floor
+    if short := memory_shortfall(mem["weights"] + mem["gradients"] + mem["AdamW moments"], a.device):
+        die(f"--preset {a.preset}: training (float32 weights, gradients and AdamW moments; activations not counted) "
+            f"{short}; choose a smaller --preset (python train.py --dry-run --preset {a.preset} shows the memory)")
+    if a.device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
+        torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
+        torch.utils.deterministic.fill_uninitialized_memory = False  # exactness needs no NaN-filled empty()
+
+
+class NotFinite(Exception):
+    pass
+
+
+def stop_if_not_finite(loss, grad_norm):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NotFinite(f"loss {loss:.4g} or gradient norm {grad_norm:.4g} not finite")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: the published layout for infer.py, and the exact state for --resume
 def model_tensors(model):
     # named_parameters/named_buffers list a shared tensor once (MTP reuses the embedding and head)
     persistent = model.state_dict().keys()
@@ -428,29 +691,13 @@ def read_checkpoint(out, with_tensors=True):
     return state, tensors
 
 
-def saved_args(path, args):
-    """The run's saved flags, each checked by the type and choices its flag has on the command line."""
-    known = {action.dest: action for action in get_parser()._actions}
-    for k, v in args.items():
-        action = known.get(k)
-        if action is None or v is None or k in NOT_SAVED:
-            continue
-        try:
-            ok = (type(v) is bool if action.nargs == 0 else v in action.choices if action.choices else
-                  isinstance(v, str) if action.type is None else
-                  type(v) in (int, float) and action.type(str(v)) == v)  # the flag's own bounds
-        except (argparse.ArgumentTypeError, ValueError, TypeError):
-            ok = False
-        if not ok:
-            bad_resume(path, f"saved --{k.replace('_', '-')} as {v!r}, which the flag does not accept")
-    return {k: v for k, v in args.items() if k in known and k not in NOT_SAVED}
-
-
 def load_checkpoint(out, model, optimizer, param_names):
+    """Restore the weights, routing biases, AdamW moments and RNG state saved in out/; each tensor
+    is checked against what this model expects before any is copied."""
     state, tensors = read_checkpoint(out)
     path = os.path.join(out, "train_state.safetensors")
-    own, saved = model_tensors(model), {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    if state["param_names"] != param_names or any(k not in saved or saved[k].shape != v.shape for k, v in own.items()):
+    own = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    if state["param_names"] != param_names or any(k not in tensors or tensors[k].shape != v.shape for k, v in own.items()):
         die(f"the checkpoint in {out}/ holds another model than these flags build; resume without model flags")
     params = dict(model.named_parameters())
     moments = {}
@@ -478,10 +725,10 @@ def load_checkpoint(out, model, optimizer, param_names):
                 "damaged file); start afresh without --resume, or resume a copy of an earlier checkpoint")
     with torch.no_grad():
         for k, v in own.items():
-            v.copy_(saved[k])
+            v.copy_(tensors[k])
     optimizer.load_state_dict({"state": {int(i): m for i, m in moments.items()},
                                "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
+    torch.set_rng_state(rng)
     if torch.cuda.is_available() and f"rng.cuda.{torch.cuda.device_count() - 1}" in tensors:
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
     return state
@@ -494,8 +741,7 @@ def kept_metrics(path, step):
         return []
     if not regular(path):
         die(f"--resume: {path} is not a regular file; move it away")
-    raw = Path(path).read_bytes()
-    lines = raw.split(b"\n")
+    lines = Path(path).read_bytes().split(b"\n")
     kept = []
     for n, line in enumerate(lines, 1):
         try:
@@ -512,96 +758,137 @@ def kept_metrics(path, step):
     return kept
 
 
-# ------------------------------------------------------------------------------ balancing modes
-# --balance picks how the routed experts are kept evenly loaded, for the ablations of §4.5.2-3:
-# each mode sets the bias update speed γ and the balance loss α * sum_i f_i P_i (eq. 17-20), with
-# f and P taken per sequence or over the whole batch. AUX_ALPHA is DeepSeek-V2's expert-level
-# balance factor α1 = 0.003 (arXiv 2405.04434, §3.1.2), the baseline V3's Table 5 compares against;
-# taken as it is, since sum_i f_i P_i is 1 at perfect balance whatever the number of experts, and
-# the presets already scale the learning rate through which the loss acts.
-AUX_ALPHA = 0.003
-BALANCE = {  # mode -> (help, ModelArgs overrides, whether the routing bias is updated)
-    "aux-free": ("§2.1.2, the default: bias update with speed γ plus the complementary sequence-wise "
-                 "loss with the preset's tiny α (1e-4)", {}, True),
-    "aux-loss": (f"§4.5.2 (Table 5's baseline): DeepSeek-V2's expert-level auxiliary loss per sequence, "
-                 f"α {AUX_ALPHA}, no bias", dict(balance_alpha=AUX_ALPHA), False),
-    "batch-aux": (f"§4.5.3: the auxiliary loss with f and P over the whole batch, α {AUX_ALPHA}, no bias",
-                  dict(balance_alpha=AUX_ALPHA, balance_scope="batch"), False),
-    "none": ("no balancing: no bias update, no balance loss (the floor the others are measured against)",
-             dict(balance_alpha=0.0), False),
-}
+# ----------------------------------------------------------------------------------------------
+# The run's files: resume point, metrics.jsonl, progress bar, checkpoints, failures
+class Run:
+    """What the loop reads back and writes out. Rank 0 alone logs and saves; every rank resumes."""
+
+    def __init__(self, a, margs, model, optimizer, param_names, train_docs, val_docs, rank, world):
+        self.a, self.model, self.optimizer, self.lead = a, model, optimizer, rank == 0
+        self.data = dict(files=len(train_docs), bytes=sum(map(len, train_docs)))
+        state = load_checkpoint(a.out, model, optimizer, param_names) if a.resume else dict(step=0, epoch=0, batch=0)
+        if a.resume and state.get("data") != self.data:
+            self.say(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {self.data}); "
+                     "resume is not exact")
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.saved_step = self.step if a.resume else None
+        self.stop, self.tokens_per_step = min(a.stop_at or a.max_steps, a.max_steps), a.batch_size * a.seq_len * a.grad_accum
+        args = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}  # what the checkpoint carries
+        self.state = dict(seed=a.seed, args=args, schedule={k: args[k] for k in (
+            "max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac", "mtp_weight", "mtp_weight_late")},
+            data=self.data, model=margs.to_dict(), param_names=param_names)
+        self.metrics = self.open_metrics(kept_metrics(os.path.join(a.out, "metrics.jsonl"), self.step) if a.resume else [])
+        self.say(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {a.device} "
+                 f"({a.dtype}); {len(train_docs)} train / {len(val_docs)} val files, {self.data['bytes'] / 1e6:.2f}M / "
+                 f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {self.tokens_per_step:,} tokens/step; steps "
+                 f"{self.step} -> {self.stop}" + (f"; {world} data-parallel ranks" if world > 1 else "")
+                 + f"; first checkpoint at step {min(self.stop, (self.step // a.save_interval + 1) * a.save_interval)}")
+        self.times = []
+
+    def say(self, *args, **kw):
+        if self.lead:
+            print(*args, **kw)
+
+    def open_metrics(self, kept):
+        """metrics.jsonl as of the checkpoint (lines logged after it dropped), open for appending."""
+        if not self.lead:
+            return None
+        path = os.path.join(self.a.out, "metrics.jsonl")
+        try:
+            atomic_write(path, lambda p: Path(p).write_text("".join(kept)))
+        except OSError as e:
+            die(f"--out {self.a.out}: cannot write metrics.jsonl ({e.strerror}); free space or fix the folder's permissions")
+        return open(path, "a")
+
+    def log(self, step, logs, batches):
+        """After each step: the metrics line (and the validation line), the progress bar, and every
+        --save-interval steps and at the end the checkpoint."""
+        self.step = step
+        self.times.append(logs["seconds"])
+        rec = dict(step=step, **{k: logs[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "lr", "mtp_weight",
+                                                      "grad_norm")}, tokens_per_s=self.tokens_per_step / logs["seconds"],
+                   maxvio_mean=logs["maxvio_mean"], maxvio_max=logs["maxvio_max"], epoch=batches.epoch)
+        if "val_loss" in logs:
+            rec.update(val_loss=logs["val_loss"], val_bpb=logs["val_loss"] / math.log(2))
+            self.pbar.write(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte, {rec['val_bpb']:.4f} bits/byte")
+        self.last = rec
+        if not self.lead:
+            return
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        self.pbar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{rec['lr']:.2e}",
+                              maxvio=f"{rec['maxvio_max']:.2f}")
+        self.pbar.update()
+        if step % self.a.save_interval == 0 or step == self.stop:
+            save_checkpoint(self.a.out, self.model, self.optimizer,
+                            dict(step=step, epoch=batches.epoch, batch=batches.index, **self.state, metrics=rec))
+            self.saved_step = step
+
+    def on_disk(self):
+        return (f"{self.a.out}/ keeps the checkpoint of step {self.saved_step}" if self.saved_step is not None
+                else "no checkpoint written")
+
+    @contextlib.contextmanager
+    def progress(self):
+        """Around the loop: its progress bar, and its failures as one line each, with what the
+        checkpoint on disk holds."""
+        self.pbar = tqdm(total=self.stop, initial=self.step, file=sys.stdout, dynamic_ncols=True, disable=not self.lead)
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.pbar.close()
+            self.say(f"interrupted at step {self.step}, {self.on_disk()}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
+        except NotFinite as e:
+            self.pbar.close()
+            die(f"{e} at step {self.step + 1}; stopped, {self.on_disk()}; lower --lr or use --dtype float32")
+        except (OSError, SafetensorError) as e:  # only writes do I/O in the loop: disk full, a file-size limit, permissions
+            self.pbar.close()
+            die(f"cannot write to {self.a.out}/ at step {self.step} ({getattr(e, 'strerror', None) or one_line(e)}); "
+                f"{self.on_disk()}; free space or fix permissions, then continue with --resume")
+
+    def finish(self):
+        self.pbar.close()
+        if self.lead:
+            steady = self.times[1:] or self.times  # the first step pays for warm-up (and compilation)
+            print(f"step {self.step}: val loss {self.last['val_loss']:.4f} nats/byte = {self.last['val_bpb']:.4f} "
+                  f"bits/byte, {self.tokens_per_step * len(steady) / sum(steady):,.0f} tokens/s; checkpoint in {self.a.out}/")
 
 
-def bias_update_speed(a, margs):
-    """γ of this run: the preset's or --bias-update-speed in mode aux-free, else 0."""
-    if a.no_bias_update or not BALANCE[a.balance][2]:
-        return 0.0
-    return margs.bias_update_speed if a.bias_update_speed is None else a.bias_update_speed
-
-
-# ------------------------------------------------------------------------------ arguments
-def get_parser():
-    p = Parser(prog="train.py", description="Train DeepSeek-V3 on bytes; the docstring of train.py has examples.")
-    add = p.add_argument
-    add("--preset", help="model: tiny, small or deepseek-v3 (default: tiny on CPU, small on GPU)")
-    add("--data", help="text file, folder (all text files below it) or glob (default: this Python's standard library)")
-    add("--out", default="out", help="folder for the checkpoint and metrics.jsonl (default: out)")
-    add("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS, help="optimizer steps; the schedules span them (default: %(default)s)")
-    add("--stop-at", type=positive_int, help="stop with a checkpoint after this step, schedule unchanged; continue with --resume")
-    add("--batch-size", type=number(int, 1, 2**20), help="sequences per micro-batch (default: per preset)")
-    add("--seq-len", type=number(int, 1, 2**24), help="tokens (bytes) per sequence (default: per preset)")
-    add("--grad-accum", type=number(int, 1, 2**20), help="micro-batches per optimizer step (default: 1; 2 for small with --fp8)")
-    add("--lr", type=number(float, 0, 1e30, strict=True), help="peak learning rate (default: per preset)")
-    add("--min-lr-frac", type=fraction, default=0.1, help="final LR / peak LR (§4.2: 2.2e-5 / 2.2e-4; default: 0.1)")
-    add("--warmup-steps", type=count, help="linear warmup steps (default: 5%% of --max-steps)")
-    add("--decay-start", type=fraction, default=0.68, help="fraction of the steps after which the LR decays and λ drops (§4.2: 10T of 14.8T tokens; default: 0.68)")
-    add("--weight-decay", type=fraction, default=0.1, help="AdamW weight decay of the matrices (§4.2; default: 0.1)")
-    add("--mtp", type=number(int, 0, 16), help="multi-token prediction depth, 0 disables it (default: the preset's)")
-    add("--mtp-weight", type=nonneg, default=0.3, help="MTP loss weight λ before --decay-start (§4.2; default: 0.3)")
-    add("--mtp-weight-late", type=nonneg, default=0.1, help="λ after --decay-start (§4.2; default: 0.1)")
-    add("--bias-update-speed", type=nonneg, help="γ of the aux-loss-free routing bias update (default: the preset's; §4.2: 0.001)")
-    add("--no-bias-update", action="store_true", help="γ = 0: freeze the routing bias (ablation)")
-    add("--balance", choices=list(BALANCE), default="aux-free", help="expert load balancing: "
-        + "; ".join(f"{k} = {v[0]}" for k, v in BALANCE.items()) + " (default: %(default)s)")
-    add("--eval-interval", type=positive_int, default=100, help="steps between validations (default: 100)")
-    add("--eval-batches", type=positive_int, default=8, help="validation batches (default: 8)")
-    add("--save-interval", type=positive_int, default=200, help="steps between checkpoints (default: 200)")
-    add("--sample-bytes", type=count, default=200, help=f"bytes to sample (temperature 0.8) after {SAMPLE_PROMPT!r} at the end, 0 skips (default: 200)")
-    add("--seed", type=seed_number, default=0, help="seeds the initialisation and the data order (default: 0)")
-    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    add("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="autocast compute dtype; weights and AdamW stay float32 (default: bfloat16)")
-    add("--compile", action="store_true", help="torch.compile the training forward")
-    add("--fp8", action="store_true", help="FP8 block-quantized matmuls (§3.3)")
-    add("--resume", action="store_true", help="continue the run saved in --out; flags not given keep the run's values")
-    add("--overwrite", action="store_true", help="start afresh in an --out that holds another run's checkpoint, deleting it")
-    add("--dry-run", action="store_true", help="print parameters, FLOPs and memory of the preset, build nothing")
-    return p
-
-
-NOT_SAVED = {"resume", "overwrite", "dry_run", "stop_at", "device"}  # about this invocation, not the run
-
-
-def parse_args(argv=None):
-    parser = get_parser()
-    a = parser.parse_args(argv)
-    if a.resume:  # argparse keeps attributes already in the namespace: the run's values become defaults
-        saved = saved_args(os.path.join(a.out, "train_state.safetensors"), read_checkpoint(a.out, False)[0]["args"])
-        a = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-    a.device = pick_device(a.device)
-    a.preset = a.preset or ("small" if a.device.type == "cuda" else "tiny")
-    defaults = PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"])
-    for k, v in {**defaults, **(FP8_DEFAULTS.get(a.preset, {}) if a.fp8 else {})}.items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
-    a.warmup_steps = max(1, a.max_steps // 20) if a.warmup_steps is None else a.warmup_steps
-    if a.bias_update_speed is not None and not BALANCE[a.balance][2]:
-        die(f"--bias-update-speed sets the routing bias of --balance aux-free; --balance {a.balance} has none")
-    overrides = {**({} if a.mtp is None else {"n_mtp": a.mtp}), **({"fp8": True} if a.fp8 else {}), **BALANCE[a.balance][1]}
+def claim_out(a):
+    """Hold --out's lock for the run (flock: the OS drops it when the process ends, even by kill -9),
+    so that a second run on the same folder stops instead of interleaving checkpoints. Under it:
+    delete the temporary files of killed writers, and refuse to start afresh over another run's
+    checkpoint unless --overwrite (which deletes that checkpoint and its metrics first, so that a
+    kill before the first save cannot leave the old checkpoint beside the new run's metrics).
+    -> the open lock file (closing it releases the lock); under torchrun rank 0 alone takes it."""
+    if int(os.environ.get("RANK", "0")):
+        return contextlib.nullcontext()
     try:
-        return a, ModelArgs.from_preset(a.preset, **overrides)
-    except (ValueError, TypeError) as e:
-        die(f"--preset {a.preset}: {e}")
+        lock = open(os.path.join(a.out, ".lock"), "a")
+    except OSError as e:
+        die(f"--out {a.out}: cannot open {a.out}/.lock ({e.strerror}); remove what is there or choose another --out")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        lock.close()
+        if not isinstance(e, BlockingIOError):  # e.g. a file system without locks
+            die(f"--out {a.out}: cannot lock {a.out}/.lock ({e.strerror}); choose an --out on a local disk")
+        die(f"--out {a.out}: another run is using it (it holds {a.out}/.lock); wait for it to end or choose another --out")
+    remove_stale_temporaries(a.out)
+    if not a.resume and os.path.lexists(os.path.join(a.out, "train_state.safetensors")):
+        if not a.overwrite:
+            lock.close()
+            die(f"--out {a.out} holds the checkpoint of another run; continue it with --resume, choose another "
+                "--out, or pass --overwrite to replace it")
+        for name in ("train_state.safetensors", "train_state.json", "metrics.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(a.out, name))
+    return lock
 
 
+# ----------------------------------------------------------------------------------------------
+# Dry run: accounting from the shapes alone
 # The report's cost (DeepSeek-V3 technical report, §1 and Table 1): 180K H800 GPU hours per
 # trillion training tokens. The peaks it is held against are NVIDIA's dense (no sparsity) H800
 # SXM figures, the same as H100 SXM: ~989 TFLOP/s BF16, ~1979 TFLOP/s FP8.
@@ -656,39 +943,21 @@ def dry_run(a, margs):
     return mem
 
 
-# ------------------------------------------------------------------------------ training
-def claim_out(a):
-    """Hold --out's lock for the run (flock: the OS drops it when the process ends, even by kill -9),
-    so that a second run on the same folder stops instead of interleaving checkpoints. Under it:
-    delete the temporary files of killed writers, and refuse to start afresh over another run's
-    checkpoint unless --overwrite (which deletes that checkpoint and its metrics first, so that a
-    kill before the first save cannot leave the old checkpoint beside the new run's metrics).
-    -> the open lock file (closing it releases the lock); under torchrun rank 0 alone takes it."""
-    if int(os.environ.get("RANK", "0")):
-        return contextlib.nullcontext()
-    try:
-        lock = open(os.path.join(a.out, ".lock"), "a")
-    except OSError as e:
-        die(f"--out {a.out}: cannot open {a.out}/.lock ({e.strerror}); remove what is there or choose another --out")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        lock.close()
-        if not isinstance(e, BlockingIOError):  # e.g. a file system without locks
-            die(f"--out {a.out}: cannot lock {a.out}/.lock ({e.strerror}); choose an --out on a local disk")
-        die(f"--out {a.out}: another run is using it (it holds {a.out}/.lock); wait for it to end or choose another --out")
-    remove_stale_temporaries(a.out)
-    if not a.resume and os.path.lexists(os.path.join(a.out, "train_state.safetensors")):
-        if not a.overwrite:
-            lock.close()
-            die(f"--out {a.out} holds the checkpoint of another run; continue it with --resume, choose another "
-                "--out, or pass --overwrite to replace it")
-        for name in ("train_state.safetensors", "train_state.json", "metrics.jsonl"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(a.out, name))
-    return lock
+
+def human(x, k=1000, units=("", "K", "M", "B", "T")):
+    for unit in units[:-1]:
+        if abs(x) < k:
+            return f"{x:.4g}{unit}"
+        x /= k
+    return f"{x:.4g}{units[-1]}"
 
 
+def human_bytes(b):
+    return human(b, 1024, (" B", " KiB", " MiB", " GiB", " TiB"))
+
+
+# ----------------------------------------------------------------------------------------------
+# main
 def main(argv=None):
     a, margs = parse_args(argv)
     if a.dry_run:
@@ -697,162 +966,14 @@ def main(argv=None):
         die(f"--seq-len {a.seq_len} exceeds the preset's max_seq_len {margs.max_seq_len}; lower --seq-len")
     try:
         os.makedirs(a.out, exist_ok=True)
-        Path(a.out, ".probe").touch()
-        os.remove(os.path.join(a.out, ".probe"))
     except OSError as e:
         die(f"--out {a.out}: cannot write there ({e.strerror}); choose a writable folder with --out")
     with claim_out(a):  # held for the whole run
         return train(a, margs)
 
 
-def train(a, margs):
-    skipped = []
-    train_docs, val_docs = load_documents(a.data, skipped)
-    data = dict(files=len(train_docs), bytes=sum(map(len, train_docs)))
-
-    rank, world, device = init_distributed(a.device)
-    lead = rank == 0  # rank 0 alone evaluates, logs and writes checkpoints
-    say = print if lead else lambda *args, **kw: None
-    if skipped:
-        say(f"warning: --data: skipped {len(skipped)} files that are not regular or not readable, e.g. {skipped[0]}")
-    if a.batch_size % world:
-        die(f"--batch-size {a.batch_size} does not split over {world} ranks; use a multiple of {world}")
-    rows = math.ceil(sum(len(d) + 1 for d in train_docs) / a.seq_len)  # an epoch has at least these
-    if world > 1 and rows < a.batch_size:
-        die(f"--data: {rows} rows of {a.seq_len} tokens, fewer than one --batch-size {a.batch_size} to split over "
-            f"{world} ranks; lower --batch-size or --seq-len, or give more text")
-    mem = training_memory(margs, a.batch_size, a.seq_len)  # the dry run's count; its weights part is a floor
-    if short := memory_shortfall(mem["weights"] + mem["gradients"] + mem["AdamW moments"], device):
-        die(f"--preset {a.preset}: training (float32 weights, gradients and AdamW moments; activations not counted) "
-            f"{short}; choose a smaller --preset (python train.py --dry-run --preset {a.preset} shows the memory)")
-    if device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
-        torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
-        torch.utils.deterministic.fill_uninitialized_memory = False  # exactness needs no NaN-filled empty()
-    autocast = torch.autocast(device.type, torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
-    torch.manual_seed(a.seed)
-    model = Transformer(margs).to(device)
-    # data parallel: gradients averaged over the ranks; buffers not broadcast, so that each rank
-    # keeps its own expert-load counts until they are summed for the bias update
-    fwd = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    fwd = torch.compile(fwd) if a.compile else fwd
-    # Weight decay on every matrix, the embedding and head included: the paper names one decay
-    # and no exceptions, as nanoGPT does. Not on the 1-D RMSNorm gains, where decay would shrink
-    # activations rather than regularise. The routing bias is a buffer, not a parameter (§2.1.2).
-    named = sorted(model.named_parameters(), key=lambda kv: kv[1].ndim < 2)  # matrices first
-    param_names = [k for k, _ in named]
-    optimizer = torch.optim.AdamW([{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": a.weight_decay},
-                                   {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=a.lr, betas=BETAS, fused=device.type == "cuda")
-    gamma = bias_update_speed(a, margs)
-    state = load_checkpoint(a.out, model, optimizer, param_names) if a.resume else dict(step=0, epoch=0, batch=0)
-    if a.resume and state.get("data") != data:
-        say(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {data}); resume is not exact")
-    batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, state["epoch"], state["batch"], drop_last=world > 1)
-    val = val_batches(val_docs, a.seq_len, a.batch_size, a.eval_batches)
-    metrics_path = os.path.join(a.out, "metrics.jsonl")
-    kept = kept_metrics(metrics_path, state["step"]) if a.resume else []
-    if lead:
-        try:
-            atomic_write(metrics_path, lambda p: Path(p).write_text("".join(kept)))  # drop lines logged after the checkpoint
-        except OSError as e:
-            die(f"--out {a.out}: cannot write metrics.jsonl ({e.strerror}); free space or fix the folder's permissions")
-    metrics = open(metrics_path, "a") if lead else None
-    run = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}  # what the checkpoint carries
-    sched = {k: run[k] for k in ("max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac", "mtp_weight", "mtp_weight_late")}
-
-    step, saved_step = state["step"], state["step"] if a.resume else None
-    stop, tokens_per_step = min(a.stop_at or a.max_steps, a.max_steps), a.batch_size * a.seq_len * a.grad_accum
-    say(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} ({a.dtype}); "
-        f"{len(train_docs)} train / {len(val_docs)} val files, {data['bytes'] / 1e6:.2f}M / "
-        f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {tokens_per_step:,} tokens/step; steps {step} -> {stop}"
-        + (f"; {world} data-parallel ranks" if world > 1 else "")
-        + f"; first checkpoint at step {min(stop, (step // a.save_interval + 1) * a.save_interval)}")
-    if step >= stop:
-        return say(f"the run in {a.out}/ is at step {step} already; raise --max-steps to train on")
-    on_disk = lambda: f"{a.out}/ keeps the checkpoint of step {saved_step}" if saved_step is not None else "no checkpoint written"
-    pbar, times = tqdm(total=stop, initial=step, file=sys.stdout, dynamic_ncols=True, disable=not lead), []
-    try:
-        while step < stop:
-            t0 = time.perf_counter()
-            # 1. this step's learning rate and MTP weight λ
-            lr, mtp_weight = schedule(step, a)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # 2. forward and backward over the micro-batches, each rank on its share of the rows
-            logs = dict.fromkeys(("loss", "ce", "mtp", "balance"), 0.0)
-            for _ in range(a.grad_accum):
-                x, y = (t[rank::world].to(device, non_blocking=True) for t in next(batches))
-                with autocast:
-                    _, losses = fwd(x, y, mtp_weight=mtp_weight)
-                (losses["loss"] / a.grad_accum).backward()
-                for k in logs:
-                    logs[k] += float(losses[k].detach()) / a.grad_accum
-            logs = dict(zip(logs, all_mean(list(logs.values()), world, device)))
-            # 3. clip; a non-finite loss or gradient stops the run before the weights see it
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
-            if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
-                pbar.close()
-                die(f"loss {logs['loss']:.4g} or gradient norm {grad_norm:.4g} not finite at step {step + 1}; "
-                    f"stopped, {on_disk()}; lower --lr or use --dtype float32")
-            # 4. AdamW, then aux-loss-free balancing from the whole step's expert loads (§2.1.2);
-            #    every rank applies the same bias update: the loads of the whole global batch
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                for moe in model.moe_layers():
-                    torch.distributed.all_reduce(moe.load)
-            maxvio = model.update_bias(gamma)
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            # 5. log a metrics line, validate every --eval-interval steps, move the progress bar
-            rec = dict(step=step, loss=logs["loss"], ce=logs["ce"], mtp_loss=logs["mtp"], balance_loss=logs["balance"],
-                       lr=lr, mtp_weight=mtp_weight, grad_norm=grad_norm, tokens_per_s=tokens_per_step / times[-1],
-                       maxvio_mean=float(maxvio.mean()) if len(maxvio) else 0.0,
-                       maxvio_max=float(maxvio.max()) if len(maxvio) else 0.0, epoch=batches.epoch)
-            if lead and (step % a.eval_interval == 0 or step == stop):
-                rec["val_loss"] = evaluate(model, val, device, autocast)
-                rec["val_bpb"] = rec["val_loss"] / math.log(2)
-                model.update_bias(0.0)  # evaluation passes must not steer the routing bias
-                pbar.write(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte, {rec['val_bpb']:.4f} bits/byte")
-            if lead:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-            pbar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{lr:.2e}",
-                             maxvio=f"{rec['maxvio_max']:.2f}")
-            pbar.update()
-            # 6. checkpoint every --save-interval steps and at the end
-            if lead and (step % a.save_interval == 0 or step == stop):
-                save_checkpoint(a.out, model, optimizer, dict(
-                    step=step, epoch=batches.epoch, batch=batches.index, seed=a.seed, args=run, schedule=sched,
-                    data=data, model=margs.to_dict(), param_names=param_names, metrics=rec))
-                saved_step = step
-    except KeyboardInterrupt:
-        pbar.close()
-        say(f"interrupted at step {step}, {on_disk()}; continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    except (OSError, SafetensorError) as e:  # only writes do I/O in the loop: disk full, a file-size limit, permissions
-        pbar.close()
-        die(f"cannot write to {a.out}/ at step {step} ({getattr(e, 'strerror', None) or one_line(e)}); "
-            f"{on_disk()}; free space or fix permissions, then continue with --resume")
-    pbar.close()
-    if lead:
-        steady = times[1:] or times  # the first step pays for warm-up (and compilation)
-        print(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte = {rec['val_bpb']:.4f} bits/byte, "
-              f"{tokens_per_step * len(steady) / sum(steady):,.0f} tokens/s; checkpoint in {a.out}/")
-    if lead and a.sample_bytes:
-        model.eval()
-        prompt = torch.tensor([encode(SAMPLE_PROMPT)], device=device)
-        torch.manual_seed(a.seed)
-        with autocast:  # greedy decoding of a small byte model loops; sample as infer.py does
-            ids = model.generate(prompt, min(a.sample_bytes, margs.max_seq_len - prompt.shape[1]),
-                                 temperature=0.8, top_p=0.95)
-        print(f"sample (temperature 0.8, top-p 0.95):\n{decode(ids[0].tolist())}")
-    leave_distributed(world)
-
-
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
     try:
         main()
     except KeyboardInterrupt:  # during start-up or the final sample; the training loop reports its own
