@@ -59,14 +59,14 @@ class ModelArgs:
     moe_inter_dim: int = 128           # width of one fine-grained expert
     n_routed_experts: int = 16         # N_r
     n_shared_experts: int = 1          # N_s
-    n_activated_experts: int = 4       # K_r in eq. 13
+    n_activated_experts: int = 4       # K_r of eq. 14, 16, 18
     n_expert_groups: int = 4           # node-limited routing, simulated by groups (§2.1.2)
     n_limited_groups: int = 2          # M: groups a token may use
     score_func: str = "sigmoid"        # V3: sigmoid + bias; "softmax" = V2 family
     route_scale: float = 2.5           # routed_scaling_factor
-    norm_topk_prob: bool = True        # eq. 15: normalise the K chosen affinities
+    norm_topk_prob: bool = True        # eq. 13: normalise the K chosen affinities
     balance_alpha: float = 1e-4        # α of the sequence-wise balance loss, eq. 17-20
-    balance_scope: str = "sequence"    # f, P of eq. 18-19 per "sequence" (§2.1.2) or per "batch" (§4.5.3)
+    balance_scope: str = "sequence"    # f, P of eq. 18, 20 per "sequence" (§2.1.2) or per "batch" (§4.5.3)
     bias_update_speed: float = 1e-3    # γ of the aux-loss-free bias update (§2.1.2, §4.2)
     # mtp (§2.2)
     n_mtp: int = 1                     # D, MTP depth; V3 uses 1
@@ -122,11 +122,15 @@ class ModelArgs:
 
 
 PRESETS = {
-    # ~7M parameters (3M active): trains on a 2-core laptop CPU in minutes. init_std is the
+    # Parameter counts are accounting()'s: the main model with its embedding and output head,
+    # "active" counting K_r of the N_r routed experts; the MTP module comes on top (train.py's
+    # sum(p.numel() for p in model.parameters()) includes it).
+    # tiny: 6.26M parameters (2.72M active; 6.13M without embedding and head), 8.19M with the
+    # 1.93M of the MTP module. Trains on a 2-core laptop CPU in minutes. init_std is the
     # paper's 0.006 scaled by sqrt(7168 / 256), keeping the initial activation scale of V3.
     # γ = 0.01 rather than 0.001: a run of 1,000 steps must balance within tens of steps.
     "tiny": dict(init_std=0.006 * math.sqrt(7168 / 256), max_seq_len=1024, bias_update_speed=0.01),
-    # ~0.5B parameters (~0.13B active): one GPU.
+    # 0.47B parameters (0.13B active), 0.52B with the MTP module: one GPU.
     "small": dict(bias_update_speed=0.003, dim=1024, inter_dim=2816, n_layers=12, n_heads=16, q_lora_rank=384,
                   kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                   moe_inter_dim=384, n_routed_experts=32, n_activated_experts=6,
@@ -230,14 +234,18 @@ class MLA(nn.Module):
         self.args, self.n_heads, H = args, args.n_heads, args.n_heads
         if args.q_lora_rank:
             self.wq_a = Linear(args.dim, args.q_lora_rank)                 # W^DQ, eq. 6
-            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
-            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim)     # [W^UQ; W^QR], eq. 7-8
+            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)          # §4.2, see below
+            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim)     # W^UQ, W^QR, eq. 7-8: see below
         else:
             self.wq = Linear(args.dim, H * args.qk_head_dim)
         self.wkv_a = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim)  # [W^DKV; W^KR], eq. 1, 3
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps)
-        self.wkv_b = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim))  # [W^UK; W^UV]
+        self.wkv_b = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim))  # W^UK, W^UV, eq. 2, 5
         self.wo = Linear(H * args.v_head_dim, args.dim)                    # W^O, eq. 11
+        # q_norm and kv_norm are not in eq. 1-11: they are §4.2's "additional RMSNorm layers after
+        # the compressed latent vectors" c^Q and c^KV. wq_b and wkv_b hold their two matrices
+        # interleaved per head, not stacked: rows of head h are [W^UQ_h; W^QR_h] ([W^UK_h; W^UV_h]),
+        # the layout of the published q_b_proj and kv_b_proj, split by the rearranges in forward.
         # YaRN scales the logits by m^2 (m = mscale_all_dim temperature) on top of 1/sqrt(d)
         self.softmax_scale = args.qk_head_dim ** -0.5 * yarn_mscale(args.rope_factor, args.mscale_all_dim) ** 2
         self.kv_cache = self.pe_cache = None  # (B, S, C), (B, S, R): set up by generation (part 2)
@@ -304,15 +312,18 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Router (eq. 13-16). Affinity s = sigmoid(u W^T) in float32. A per-expert bias b (a buffer,
-    not trained by gradient) is added for the top-k *selection* only; the gating weights come
-    from the unbiased s, normalised over the chosen experts and scaled by route_scale. So the
-    bias steers load without distorting the mixture the model learns.
+    """Router (eq. 13-16). Affinity s = sigmoid(u W^T) in float32 (eq. 15). A per-expert bias b
+    (a buffer, not trained by gradient) is added for the top-k *selection* only (eq. 16); the
+    gating weights come from the unbiased s, normalised over the chosen experts (eq. 13) and
+    scaled by route_scale. So the bias steers load without distorting the mixture the model learns.
 
-    Group-limited routing: experts form n_expert_groups groups (one node each in V3); a group
-    scores the sum of its two best biased affinities, only the top n_limited_groups groups stay
-    eligible. Masked experts get -inf, not 0: a biased score can be negative, and 0 would then
-    beat it and pick an expert from a dropped group."""
+    Group-limited routing (§2.1.2's node-limited routing): experts form n_expert_groups groups (one
+    node each in V3); a group scores the sum of its two best biased affinities, and only the top
+    n_limited_groups (M) groups stay eligible. The report sums each group's K_r/M best; the
+    official code and Hugging Face sum the best 2, which is K_r/M for V3 (8/4) but not for the
+    `small` preset (6/2 = 3): we follow the published code, which the published weights were
+    trained with. Masked experts get -inf, not 0:
+    a biased score can be negative, and 0 would then beat it and pick an expert from a dropped group."""
 
     def __init__(self, args):
         super().__init__()
@@ -387,11 +398,12 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """h = x + sum_i g_i FFN_i^routed(x) + FFN^shared(x) (eq. 12). In training it also counts
-    the tokens per expert (`load`, summed until the next bias update) and computes the balance
-    loss alpha * sum_i f_i P_i (eq. 17-20) into `balance_loss`: per sequence and averaged over
-    the sequences (V3's complementary loss, and DeepSeek-V2's expert-level loss with a larger α),
-    or over the whole batch at once (balance_scope "batch", §4.5.3)."""
+    """y = sum_i g_i FFN_i^routed(x) + FFN^shared(x): eq. 12 without its residual u_t, which Block
+    adds. In training it also counts the tokens per expert (`load`, summed until the next bias
+    update) and computes the balance loss alpha * sum_i f_i P_i (eq. 17-20) into `balance_loss`:
+    per sequence and averaged over the sequences (V3's complementary loss, and DeepSeek-V2's
+    expert-level loss with a larger α), or over the whole batch at once (balance_scope "batch",
+    §4.5.3)."""
 
     def __init__(self, args):
         super().__init__()
@@ -413,18 +425,18 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.load += idx.flatten().bincount(minlength=a.n_routed_experts)
-            # eq. 18-19: f_i = E / (K T) * #tokens of the sequence routed to i, P_i = mean_t s'_i,t.
+            # eq. 18-20: f_i = E / (K T) * #tokens of the sequence routed to i, P_i = mean_t s'_i,t.
             # f counts the experts the tokens were actually sent to (biased and group-limited
             # selection), the load the loss is meant to even out; eq. 18 read literally takes the
             # top-K of the unbiased s. They agree while the bias is small; f carries no gradient.
             # The batch-wise loss (§4.5.3) is the same formula over one "sequence" of all B*T
             # tokens: a sequence may then lean on a few experts as long as the batch is even.
-            S = B if a.balance_scope == "sequence" else 1                    # groups f, P run over
-            L = B * T // S                                                    # tokens per group
-            chosen = torch.zeros(S, a.n_routed_experts, device=x.device)
-            chosen.scatter_add_(1, idx.view(S, -1), torch.ones(S, L * idx.size(1), device=x.device))
-            f = chosen * a.n_routed_experts / (a.n_activated_experts * L)             # (S, E)
-            P = (s / s.sum(-1, keepdim=True)).view(S, L, -1).mean(1)                 # (S, E)
+            n_seq = B if a.balance_scope == "sequence" else 1                # sequences f, P run over
+            L = B * T // n_seq                                                # tokens per sequence
+            chosen = torch.zeros(n_seq, a.n_routed_experts, device=x.device)
+            chosen.scatter_add_(1, idx.view(n_seq, -1), torch.ones(n_seq, L * idx.size(1), device=x.device))
+            f = chosen * a.n_routed_experts / (a.n_activated_experts * L)             # (n_seq, E)
+            P = (s / s.sum(-1, keepdim=True)).view(n_seq, L, -1).mean(1)             # (n_seq, E)
             self.balance_loss = a.balance_alpha * (f * P).sum(-1).mean()
         return y.view(B, T, D)
 
@@ -445,9 +457,11 @@ class Block(nn.Module):
 
 
 class MTPModule(nn.Module):
-    """Depth-k MTP module (eq. 21-23): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))], then
-    one Transformer block, then the shared output head predicts t_{i+k+1}. The embedding and
-    head are the main model's (shared); `norm` is the published `shared_head.norm`."""
+    """Depth-k MTP module (eq. 21-23): h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then
+    one Transformer block (eq. 22), then the shared output head predicts t_{i+k+1} (eq. 23). The
+    concatenation puts the embedding first, the reverse of eq. 21 as printed: it is the order the
+    published eh_proj (M_k) expects, as in the official code. The embedding and head are the main
+    model's (shared); `norm` is the published `shared_head.norm`."""
 
     def __init__(self, args):
         super().__init__()
@@ -563,7 +577,8 @@ class Transformer(nn.Module):
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0                       # largest finite e4m3 value
-FP8_BLOCK = 128                       # N_C = 128: 1x128 activation tiles, 128x128 weight blocks
+FP8_BLOCK = 128                       # 1x128 activation tiles, 128x128 weight blocks (§3.3.2); not
+                                      # N_C, the interval (also 128) of §3.3.2's promotion to FP32
 ACT, WEIGHT = (1, FP8_BLOCK), (FP8_BLOCK, FP8_BLOCK)
 
 
