@@ -84,7 +84,8 @@ class ModelArgs:
 
     def __post_init__(self):
         positive = {"vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank",
-                    "qk_rope_head_dim", "v_head_dim"}  # the other sizes may be 0 (q_lora_rank, n_mtp)
+                    "qk_rope_head_dim", "v_head_dim", "n_expert_groups", "n_limited_groups"}
+        # the other sizes may be 0 (q_lora_rank, n_mtp; n_routed_experts for a dense-only model)
         for f in fields(self):
             v = getattr(self, f.name)
             if type(v) is int and (v < 0 or v == 0 and f.name in positive):
@@ -92,6 +93,9 @@ class ModelArgs:
         E, G, M = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even (RoPE rotates pairs of dims)")
+        if not E and self.n_dense_layers < self.n_layers:
+            raise ValueError(f"ModelArgs.n_routed_experts is 0 but layers {self.n_dense_layers} to {self.n_layers - 1} "
+                             f"are MoE layers; set n_dense_layers={self.n_layers} (dense only) or n_routed_experts > 0")
         if E and (E % G or not (0 < self.n_activated_experts <= M * (E // G) and M <= G)):
             raise ValueError("need n_routed_experts divisible by n_expert_groups, n_limited_groups <= "
                              "n_expert_groups and 0 < n_activated_experts <= n_limited_groups * experts per group")
@@ -322,8 +326,9 @@ class Gate(nn.Module):
     n_limited_groups (M) groups stay eligible. The report sums each group's K_r/M best; the
     official code and Hugging Face sum the best 2, which is K_r/M for V3 (8/4) but not for the
     `small` preset (6/2 = 3): we follow the published code, which the published weights were
-    trained with. Masked experts get -inf, not 0:
-    a biased score can be negative, and 0 would then beat it and pick an expert from a dropped group."""
+    trained with. A group of one expert scores that expert alone. Masked experts get -inf, not
+    0: a biased score can be negative, and 0 would then beat it and pick an expert from a dropped
+    group."""
 
     def __init__(self, args):
         super().__init__()
@@ -343,7 +348,7 @@ class Gate(nn.Module):
         biased = s if self.bias is None else s + self.bias
         if a.n_expert_groups > 1:
             groups = biased.unflatten(-1, (a.n_expert_groups, -1))            # (N, G, E/G)
-            group_score = (groups.topk(2, dim=-1).values.sum(-1) if self.bias is not None
+            group_score = (groups.topk(min(2, groups.size(-1)), dim=-1).values.sum(-1) if self.bias is not None
                            else groups.amax(-1))                              # V2: best expert
             keep = group_score.topk(a.n_limited_groups, dim=-1).indices      # (N, n_limited)
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
@@ -449,7 +454,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
         self.attn = MLA(args)
-        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+        moe = args.n_routed_experts > 0 and layer_id >= args.n_dense_layers  # V3: layers 3 on (§4.2)
+        self.ffn = MoE(args) if moe else MLP(args.dim, args.inter_dim)
 
     def forward(self, x, freqs_cis, pos=None, kv_len=None):
         x = x + self.attn(self.attn_norm(x), freqs_cis, pos, kv_len)
@@ -467,7 +473,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm, self.hnorm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
         self.eh_proj = Linear(2 * args.dim, args.dim)                       # M_k, eq. 21
-        self.block = Block(args.n_layers, args)  # a MoE block when the model has experts
+        self.block = Block(args.n_layers, args)  # a MoE block unless the model is dense only
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, h_prev, emb_next, freqs_cis, pos=None, kv_len=None):

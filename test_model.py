@@ -219,6 +219,37 @@ def test_gate_never_picks_outside_kept_groups(bias_shift):
         assert set(idx[n].tolist()) == {e for _, e in sorted(eligible, reverse=True)[:4]}
 
 
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_gate_with_one_expert_per_group_routes_as_without_groups(score_func):
+    """4 experts in 4 groups (a group scores its single expert; topk(2) of a group of one used
+    to crash): keeping the best M = 2 groups keeps the best 2 experts, so picking K = 2 of them
+    must give the ungrouped gate's choice and weights, same weights and bias."""
+    torch.manual_seed(0)
+    one_each = Gate(small_args(n_routed_experts=4, n_expert_groups=4, n_limited_groups=2, score_func=score_func))
+    ungrouped = Gate(small_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, score_func=score_func))
+    torch.nn.init.normal_(one_each.weight, std=1.0)
+    ungrouped.load_state_dict(one_each.state_dict())
+    if score_func == "sigmoid":
+        with torch.no_grad():
+            one_each.bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.4]))
+            ungrouped.bias.copy_(one_each.bias)
+    x = torch.randn(50, one_each.args.dim)
+    (w, idx, s), (w_ref, idx_ref, s_ref) = one_each(x), ungrouped(x)
+    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref) and torch.equal(s, s_ref)
+
+
+def test_model_args_refuse_moe_layers_without_experts():
+    """n_routed_experts = 0 means a dense-only model; with layers left to be MoE it is refused in
+    one line naming the field, and dense-only (MTP block included) builds and runs."""
+    with pytest.raises(ValueError, match=r"n_routed_experts is 0 .* set n_dense_layers=3"):
+        small_args(n_routed_experts=0)
+    model = Transformer(small_args(n_routed_experts=0, n_dense_layers=3)).train()
+    assert not model.moe_layers()
+    tokens = torch.randint(0, 64, (2, 9))
+    _, L = model(tokens[:, :-1], tokens[:, 1:])
+    assert L["balance"].item() == 0 and L["mtp"].item() > 0
+
+
 def random_moe(std=0.2, **kw):
     torch.manual_seed(0)
     args = small_args(**kw)
@@ -1418,6 +1449,7 @@ HOSTILE_CONFIGS = {  # config.json edits -> a word the one-line error must conta
     "yarn beta 0": ({"rope_scaling": {"type": "yarn", "factor": 4, "beta_fast": 0}}, "beta_fast"),
     "eps nan": ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
     "scoring not a string": ({"scoring_func": 1}, "scoring_func"),
+    "experts not divisible by groups": ({"n_group": 3}, "n_routed_experts"),
     "a list": ([], "json object"),
     "a FIFO": (None, "not a regular file"),
     "too big to fit": ({"vocab_size": 1 << 24, "hidden_size": 1 << 17}, "gib"),
@@ -1436,6 +1468,24 @@ def test_hostile_config_is_one_line_error_before_allocating(capsys, ckpt, tmp_pa
     code, out, err = run_main(capsys, "--ckpt", tmp_path)
     one_line_error(code, out, err)
     assert word in err.lower()
+
+
+@pytest.mark.parametrize("experts", [dict(n_routed_experts=4, n_expert_groups=4, n_limited_groups=2),
+                                     dict(n_routed_experts=0, n_dense_layers=2)], ids=["one per group", "none"])
+def test_published_config_with_one_expert_per_group_or_none_loads_and_generates(capsys, tmp_path, experts):
+    """config.json with n_group == n_routed_experts, or n_routed_experts 0 beside n_group 2 and an
+    MTP layer (read as dense only, as Hugging Face does): infer.py generates, and the loaded
+    model gives the saved one's logits."""
+    path = save_tiny(tmp_path / "ckpt", **experts)
+    cfg = json.loads(Path(path, "config.json").read_text())
+    assert (cfg["n_routed_experts"], cfg["n_group"], cfg["num_nextn_predict_layers"]) == \
+        (experts["n_routed_experts"], 4 if experts["n_routed_experts"] else 2, 1)
+    code, out, err = run_main(capsys, "--ckpt", path, "--max-new-tokens", 8, "--prompt", "x = ")
+    assert code == 0 and out.startswith("x = "), err
+    torch.manual_seed(0)
+    saved = Transformer(ModelArgs.from_preset("tiny", **{**TINY, **experts})).eval()
+    tokens = torch.randint(0, 260, (1, 12))
+    assert torch.equal(Transformer.from_pretrained(path)(tokens), saved(tokens))
 
 
 @pytest.mark.parametrize("weight_map", [{"a": 3}, {"a": ["x"]}, {"a": "../out/model.safetensors"},
