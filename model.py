@@ -6,7 +6,8 @@ Part 1, the model: the architecture alone, bottom-up, every piece before its use
     MLA .................. §2.1.1: Multi-head Latent Attention, expanded and absorbed forms
     MLP, Gate, MoE ....... §2.1.2: DeepSeekMoE, sigmoid gating, group-limited routing, aux-loss-free bias
     Block, MTPModule ..... §2.2: Multi-Token Prediction
-    Transformer .......... trunk, forward with its losses (eq. 17-20, 25), the bias update
+    Transformer .......... trunk, forward with its losses (eq. 17-20, 25), SFT sample masking (§5.1),
+                           the bias update
 Part 2, the engineering, each section acting on the built model from outside:
     FP8 .................. §3.3: 1x128 activation tiles, 128x128 weight blocks, e4m3, fp32 accumulation;
                            the Hopper tensor-core path and FP8 weight storage
@@ -203,6 +204,16 @@ def apply_rope(x, freqs_cis):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def segment_positions(segment_ids):
+    """Segment ids (B, T) -> RoPE positions (B, T) counted from each segment's first token, which
+    is where the id differs from the one before (a segment is a run of equal ids: give adjacent
+    samples different ids). SFT's packed samples (§5.1) then each see the positions they have alone."""
+    i = torch.arange(segment_ids.size(1), device=segment_ids.device)
+    starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True)   # (B, T)
+    first = torch.where(starts, i, 0).cummax(dim=1).values                           # (B, T)
+    return i - first
+
+
 class Linear(nn.Module):
     """y = x W^T, no bias: every projection of the model. The FP8 section swaps in its FP8 form."""
 
@@ -254,11 +265,13 @@ class MLA(nn.Module):
         self.softmax_scale = args.qk_head_dim ** -0.5 * yarn_mscale(args.rope_factor, args.mscale_all_dim) ** 2
         self.kv_cache = self.pe_cache = None  # (B, S, C), (B, S, R): set up by generation (part 2)
 
-    def forward(self, x, freqs_cis, pos=None, kv_len=None):
+    def forward(self, x, freqs_cis, pos=None, kv_len=None, mask=None):
         """x (B, T, D) -> (B, T, D). pos None: training, causal over x. pos (B, T): the absolute
         positions of x, whose latents are written to the cache; then kv_len None is a prefill
         (expanded, causal over x) and kv_len an int is decoding: the absorbed form over the
-        cached keys [0, kv_len)."""
+        cached keys [0, kv_len). mask (B, 1, T, S) bool, the keys each query may attend (S = T
+        expanded, kv_len absorbed; causality included), replaces the causal mask in either form:
+        SFT's sample mask (§5.1), see Transformer.attention_inputs."""
         a, B = self.args, x.size(0)
         q = self.wq_b(self.q_norm(self.wq_a(x))) if a.q_lora_rank else self.wq(x)
         q = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads)           # (B, T, H, qk_head_dim)
@@ -272,22 +285,26 @@ class MLA(nn.Module):
             self.kv_cache[rows, pos] = kv.to(self.kv_cache.dtype)
             self.pe_cache[rows, pos] = k_pe.squeeze(2).to(self.pe_cache.dtype)
         if kv_len is None:
-            o = self.attend_expanded(q_nope, q_pe, kv, k_pe)
+            o = self.attend_expanded(q_nope, q_pe, kv, k_pe, mask)
         else:
-            o = self.attend_absorbed(q_nope, q_pe, pos, kv_len)
+            o = self.attend_absorbed(q_nope, q_pe, pos, kv_len, mask)
         return self.wo(o.flatten(2))                                         # (B, T, D)
 
-    def attend_expanded(self, q_nope, q_pe, kv, k_pe):
+    def attend_expanded(self, q_nope, q_pe, kv, k_pe, mask=None):
         a = self.args
         kv = rearrange(self.wkv_b(kv), "b t (h d) -> b t h d", h=self.n_heads)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)    # (B, T, H, *)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)  # (B, T, H, qk_head_dim)
+        # A mask (SFT's samples) keeps SDPA off flash attention, which MLA's unequal qk and v head
+        # dims rule out anyway: on CUDA a fused kernel that takes a mask (memory-efficient, cuDNN)
+        # runs it, on the CPU the fused CPU kernel. flex_attention could skip whole masked blocks,
+        # at the price of a compiled kernel and a block mask per batch: a second path, not taken.
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=self.softmax_scale)
+                                           attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
         return o.transpose(1, 2)                                             # (B, T, H, v_head_dim)
 
-    def attend_absorbed(self, q_nope, q_pe, pos, kv_len):
+    def attend_absorbed(self, q_nope, q_pe, pos, kv_len, mask=None):
         a = self.args
         wkv_b = self.wkv_b.dense_weight(q_nope.dtype).unflatten(0, (self.n_heads, -1))  # (H, nope + v, C)
         w_uk, w_uv = wkv_b.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
@@ -295,7 +312,8 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                # (B, T, H, C)
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, kv.to(q_lat.dtype))
                   + torch.einsum("bthr,bsr->bhts", q_pe, pe.to(q_pe.dtype))) * self.softmax_scale
-        visible = torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        visible = mask if mask is not None else \
+            torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]     # (B, 1, T, S)
         probs = scores.float().masked_fill(~visible, float("-inf")).softmax(-1).type_as(q_lat)
         o = torch.einsum("bhts,bsc->bthc", probs, kv.to(probs.dtype))      # (B, T, H, C)
         return torch.einsum("bthc,hdc->bthd", o, w_uv)                      # (B, T, H, v_head_dim)
@@ -408,7 +426,9 @@ class MoE(nn.Module):
     update) and computes the balance loss alpha * sum_i f_i P_i (eq. 17-20) into `balance_loss`:
     per sequence and averaged over the sequences (V3's complementary loss, and DeepSeek-V2's
     expert-level loss with a larger α), or over the whole batch at once (balance_scope "batch",
-    §4.5.3)."""
+    §4.5.3). A sequence is a packed row, as in pre-training (§4.1), also when SFT isolates the
+    samples in it (§5.1): the load to balance is what the row's tokens make together, and one
+    f and P per row need no per-sample lengths."""
 
     def __init__(self, args):
         super().__init__()
@@ -457,8 +477,8 @@ class Block(nn.Module):
         moe = args.n_routed_experts > 0 and layer_id >= args.n_dense_layers  # V3: layers 3 on (§4.2)
         self.ffn = MoE(args) if moe else MLP(args.dim, args.inter_dim)
 
-    def forward(self, x, freqs_cis, pos=None, kv_len=None):
-        x = x + self.attn(self.attn_norm(x), freqs_cis, pos, kv_len)
+    def forward(self, x, freqs_cis, pos=None, kv_len=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), freqs_cis, pos, kv_len, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -476,10 +496,10 @@ class MTPModule(nn.Module):
         self.block = Block(args.n_layers, args)  # a MoE block unless the model is dense only
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h_prev, emb_next, freqs_cis, pos=None, kv_len=None):
+    def forward(self, h_prev, emb_next, freqs_cis, pos=None, kv_len=None, mask=None):
         """h_prev (B, T, D) from depth k-1 (normalised), emb_next = Emb(t_{i+k}) (B, T, D)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.block(h, freqs_cis, pos, kv_len))
+        return self.norm(self.block(h, freqs_cis, pos, kv_len, mask))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,34 +532,72 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def trunk(self, tokens, pos=None, kv_len=None):
-        """tokens (B, T) -> final normalised hidden states (B, T, D). pos and kv_len: see MLA."""
-        freqs = self.freqs_cis[:tokens.size(1)] if pos is None else self.freqs_cis[pos]
+    def attention_inputs(self, tokens, segment_ids=None):
+        """RoPE rotations and attention mask of a forward over all of tokens (B, T).
+        Pre-training (§4.1) packs documents into rows without a cross-document mask: positions
+        0..T-1 for every row, causal attention (mask None). SFT (§5.1) packs samples too but
+        keeps them "isolated and mutually invisible": with segment_ids (B, T), the mask
+        (B, 1, T, T) lets token t see tokens first..t, first where its segment starts, and
+        positions restart at each segment (segment_positions; under the mask RoPE's scores,
+        which depend on relative positions only, are the same either way, but each sample then
+        gets the rotations it has alone). -> freqs (T or B, T, R/2, 2), mask or None."""
+        T = tokens.size(1)
+        if segment_ids is None:
+            return self.freqs_cis[:T], None
+        if segment_ids.shape != tokens.shape:
+            raise ValueError(f"segment_ids must have the shape of tokens {tuple(tokens.shape)}, "
+                             f"got {tuple(segment_ids.shape)}")
+        pos = segment_positions(segment_ids)                                  # (B, T)
+        i = torch.arange(T, device=tokens.device)
+        first = (i - pos)[:, :, None]                                         # (B, T, 1)
+        mask = (i <= i[:, None]) & (i >= first)                               # (B, T, T): keys first..t
+        return self.freqs_cis[pos], mask.unsqueeze(1)
+
+    def trunk(self, tokens, pos=None, kv_len=None, segment_ids=None):
+        """tokens (B, T) -> final normalised hidden states (B, T, D). pos and kv_len: see MLA;
+        segment_ids: see attention_inputs. A cached call (pos given) takes no segment_ids: its
+        queries attend cached keys whose segments the latent cache does not keep."""
+        if pos is None:
+            freqs, mask = self.attention_inputs(tokens, segment_ids)
+        elif segment_ids is None:
+            freqs, mask = self.freqs_cis[pos], None
+        else:
+            raise ValueError("segment_ids apply to a forward over whole rows, not to cached decoding")
         h = self.embed(tokens)
         for layer in self.layers:
-            h = layer(h, freqs, pos, kv_len)
+            h = layer(h, freqs, pos, kv_len, mask)
         return self.norm(h)
 
-    def forward(self, tokens, targets=None, mtp_weight=0.3):
+    def forward(self, tokens, targets=None, mtp_weight=0.3, segment_ids=None):
         """Logits (B, T, V) for every position. With targets (B, T) = next tokens (-1 ignored)
         also a dict of losses: "loss" = ce + mtp_weight * mtp + balance, where mtp is the mean
         over depths k of the cross-entropy for t_{i+k+1} (λ/D sum_k L_MTP^k, eq. 25) and balance
-        the sum of the sequence-wise balance losses of the MoE layers that ran (eq. 17)."""
+        the sum of the sequence-wise balance losses of the MoE layers that ran (eq. 17).
+        segment_ids (B, T): SFT's sample masking (§5.1), see attention_inputs; each segment gets
+        the logits and the ce and mtp losses it would get alone, whereas the balance loss still
+        counts each packed row as one sequence (the routing of every token is unchanged)."""
         for m in self.moe_layers():
             m.balance_loss = None  # only the layers this call runs report one
-        h = self.trunk(tokens)
+        h = self.trunk(tokens, segment_ids=segment_ids)
         logits = self.head(h)
         if targets is None:
             return logits
         ce = lambda lg, tg: F.cross_entropy(lg.float().flatten(0, 1), tg.flatten(), ignore_index=-1)
         losses = {"ce": ce(logits, targets)}
         mtp, T = [], tokens.size(1)
+        freqs, mask = self.attention_inputs(tokens, segment_ids)
         for k, module in enumerate(self.mtp, start=1):
             if T <= k:
                 break
-            # position i (< T-k) combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}
-            h = module(h[:, :-1], self.embed(tokens[:, k:]), self.freqs_cis[:T - k])
-            mtp.append(ce(self.head(h), targets[:, k:]))
+            # position i (< T-k) combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}:
+            # the first T-k positions, their rotations and the top-left (T-k, T-k) of the mask
+            h = module(h[:, :-1], self.embed(tokens[:, k:]), freqs[..., :T - k, :, :],
+                       mask=None if mask is None else mask[..., :T - k, :T - k])
+            target = targets[:, k:]
+            if mask is not None:  # t_{i+k} in another sample than i: no prediction across it
+                same = mask[:, 0, k:, :T - k].diagonal(dim1=-2, dim2=-1)  # (B, T-k): t_{i+k} sees i
+                target = target.masked_fill(~same, -1)
+            mtp.append(ce(self.head(h), target))
         losses["mtp"] = torch.stack(mtp).mean() if mtp else logits.new_zeros((), dtype=torch.float32)
         bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         losses["balance"] = torch.stack(bal).sum() if bal else torch.zeros_like(losses["mtp"])

@@ -101,6 +101,90 @@ def test_cached_decoding_reproduces_full_forward(q_lora_rank):
         assert rel(cached[:, t], full[:, t]) < 1e-5, t
 
 
+# ---------------------------------------------------------------------------- SFT sample masking (§5.1)
+
+# Two packed rows: row 0 holds three samples; row 1 reuses id 0 for two samples that a third
+# separates (a segment is a run of equal ids). (row, first, end) of every segment:
+PACKED_IDS = torch.tensor([[4] * 7 + [9] * 5 + [2] * 8, [0] * 6 + [1] * 5 + [0] * 9])
+PACKED_SEGMENTS = [(0, 0, 7), (0, 7, 12), (0, 12, 20), (1, 0, 6), (1, 6, 11), (1, 11, 20)]
+
+
+def test_segment_positions_restart_at_each_segment():
+    """Positions by hand, and the rotations the model takes for them. (Under the sample mask the
+    logits cannot show the restart: RoPE scores depend on relative positions only.)"""
+    from model import segment_positions
+    hand = torch.tensor([list(range(7)) + list(range(5)) + list(range(8)),
+                         list(range(6)) + list(range(5)) + list(range(9))])
+    assert torch.equal(segment_positions(PACKED_IDS), hand)
+    model = random_model()
+    tokens = torch.zeros(2, 20, dtype=torch.long)
+    freqs, mask = model.attention_inputs(tokens, PACKED_IDS)
+    assert torch.equal(freqs, model.freqs_cis[hand])
+    assert mask[0, 0, 9].tolist() == [False] * 7 + [True] * 3 + [False] * 10  # token 9 sees 7, 8, 9
+    with pytest.raises(ValueError, match="shape of tokens"):
+        model(tokens, segment_ids=PACKED_IDS[:, :19])
+    with pytest.raises(ValueError, match="cached decoding"):
+        model.trunk(tokens, torch.arange(20).expand(2, 20), segment_ids=PACKED_IDS)
+
+
+def test_packed_segments_get_the_logits_losses_and_loads_they_get_alone():
+    """A packed row of several segments, MTP on: each segment's logits and its main and MTP
+    losses (the other segments' targets -1) equal those of the segment run alone. The MTP loss
+    must drop the position before each segment, whose next token is that segment's first:
+    counting it would add a term the segment alone does not have. The main model's MoE layers
+    route every token to the experts it gets alone (the MTP module's still routes those dropped
+    positions: they are computed, so they load their experts)."""
+    model = random_model().train()  # train mode: the MoE layers count their loads
+    tokens, targets = torch.randint(0, 64, (2, 20)), torch.randint(0, 64, (2, 20))
+    targets[0, 3] = targets[1, 15] = -1                        # ignored targets stay ignored
+    main_moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    for b, lo, hi in PACKED_SEGMENTS:
+        only = torch.full_like(targets, -1)
+        only[b, lo:hi] = targets[b, lo:hi]
+        logits, L = model(tokens, only, segment_ids=PACKED_IDS)
+        ref_logits, ref = model(tokens[b:b + 1, lo:hi], targets[b:b + 1, lo:hi])
+        assert rel(logits[b:b + 1, lo:hi], ref_logits) < 1e-5, (b, lo)
+        assert L["ce"].item() == pytest.approx(ref["ce"].item(), rel=1e-5), (b, lo)
+        assert L["mtp"].item() == pytest.approx(ref["mtp"].item(), rel=1e-5), (b, lo)
+    model.update_bias(0.0)                                     # resets the counts
+    model(tokens, targets, segment_ids=PACKED_IDS)[1]["loss"].backward()
+    packed = torch.stack([m.load.clone() for m in main_moe])
+    model.update_bias(0.0)
+    for b, lo, hi in PACKED_SEGMENTS:
+        model(tokens[b:b + 1, lo:hi])
+    assert torch.equal(packed, torch.stack([m.load for m in main_moe]))
+    assert packed.sum() == 2 * 20 * model.args.n_activated_experts * len(main_moe)
+
+
+def test_segment_mask_in_absorbed_attention_equals_expanded_and_each_segment_alone():
+    """The absorbed form (decoding's) takes the same sample mask over its cache as the expanded
+    form over x: a packed prefill through either gives every segment its attention output alone."""
+    model = random_model()
+    attn, (B, T) = model.layers[0].attn, PACKED_IDS.shape
+    x = torch.randn(B, T, model.args.dim)
+    freqs, mask = model.attention_inputs(torch.zeros_like(PACKED_IDS), PACKED_IDS)
+    with torch.no_grad():
+        expanded = attn(x, freqs, mask=mask)
+        setup_cache(model, B, T + 3)
+        pos = torch.arange(T).expand(B, T)
+        absorbed = attn(x, freqs, pos, kv_len=T + 3, mask=F.pad(mask, (0, 3)))  # 3 empty slots masked
+        assert rel(absorbed, expanded) < 1e-5
+        for b, lo, hi in PACKED_SEGMENTS:
+            alone = attn(x[b:b + 1, lo:hi], model.freqs_cis[:hi - lo])
+            assert rel(expanded[b:b + 1, lo:hi], alone) < 1e-5 and rel(absorbed[b:b + 1, lo:hi], alone) < 1e-5
+
+
+def test_without_segment_ids_or_with_one_segment_outputs_are_bit_identical():
+    """No segment_ids keeps pre-training's causal path (is_causal, positions 0..T-1), the code
+    as it was before segment_ids; one segment per row takes the mask path instead, and on this
+    CPU its logits and losses are bit-identical to it."""
+    model = random_model().train()
+    tokens, targets = torch.randint(0, 64, (2, 20)), torch.randint(0, 64, (2, 20))
+    logits, L = model(tokens, targets)
+    one_logits, one = model(tokens, targets, segment_ids=torch.full_like(tokens, 3))
+    assert torch.equal(one_logits, logits) and all(torch.equal(one[k], L[k]) for k in L)
+
+
 @pytest.mark.parametrize("T", [1, 2])
 def test_static_shape_step_over_whole_cache_equals_cut_cache(T):
     """The step that torch.compile gets attends the whole cache (a fixed shape) with the keys past
