@@ -6,7 +6,8 @@ Part 1, the model: the architecture alone, bottom-up, every piece before its use
     MLA .................. §2.1.1: Multi-head Latent Attention, expanded and absorbed forms
     MLP, Gate, MoE ....... §2.1.2: DeepSeekMoE, sigmoid gating, group-limited routing, aux-loss-free bias
     Block, MTPModule ..... §2.2: Multi-Token Prediction
-    Transformer .......... trunk, forward with its losses (eq. 17-20, 25), the bias update
+    Transformer .......... trunk, forward with its losses (eq. 17-20, 25), SFT sample masking (§5.1),
+                           the bias update
 Part 2, the engineering, each section acting on the built model from outside:
     FP8 .................. §3.3: 1x128 activation tiles, 128x128 weight blocks, e4m3, fp32 accumulation;
                            the Hopper tensor-core path and FP8 weight storage
@@ -59,14 +60,14 @@ class ModelArgs:
     moe_inter_dim: int = 128           # width of one fine-grained expert
     n_routed_experts: int = 16         # N_r
     n_shared_experts: int = 1          # N_s
-    n_activated_experts: int = 4       # K_r in eq. 13
+    n_activated_experts: int = 4       # K_r of eq. 14, 16, 18
     n_expert_groups: int = 4           # node-limited routing, simulated by groups (§2.1.2)
     n_limited_groups: int = 2          # M: groups a token may use
     score_func: str = "sigmoid"        # V3: sigmoid + bias; "softmax" = V2 family
     route_scale: float = 2.5           # routed_scaling_factor
-    norm_topk_prob: bool = True        # eq. 15: normalise the K chosen affinities
+    norm_topk_prob: bool = True        # eq. 13: normalise the K chosen affinities
     balance_alpha: float = 1e-4        # α of the sequence-wise balance loss, eq. 17-20
-    balance_scope: str = "sequence"    # f, P of eq. 18-19 per "sequence" (§2.1.2) or per "batch" (§4.5.3)
+    balance_scope: str = "sequence"    # f, P of eq. 18, 20 per "sequence" (§2.1.2) or per "batch" (§4.5.3)
     bias_update_speed: float = 1e-3    # γ of the aux-loss-free bias update (§2.1.2, §4.2)
     # mtp (§2.2)
     n_mtp: int = 1                     # D, MTP depth; V3 uses 1
@@ -84,7 +85,8 @@ class ModelArgs:
 
     def __post_init__(self):
         positive = {"vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank",
-                    "qk_rope_head_dim", "v_head_dim"}  # the other sizes may be 0 (q_lora_rank, n_mtp)
+                    "qk_rope_head_dim", "v_head_dim", "n_expert_groups", "n_limited_groups"}
+        # the other sizes may be 0 (q_lora_rank, n_mtp; n_routed_experts for a dense-only model)
         for f in fields(self):
             v = getattr(self, f.name)
             if type(v) is int and (v < 0 or v == 0 and f.name in positive):
@@ -92,6 +94,9 @@ class ModelArgs:
         E, G, M = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even (RoPE rotates pairs of dims)")
+        if not E and self.n_dense_layers < self.n_layers:
+            raise ValueError(f"ModelArgs.n_routed_experts is 0 but layers {self.n_dense_layers} to {self.n_layers - 1} "
+                             f"are MoE layers; set n_dense_layers={self.n_layers} (dense only) or n_routed_experts > 0")
         if E and (E % G or not (0 < self.n_activated_experts <= M * (E // G) and M <= G)):
             raise ValueError("need n_routed_experts divisible by n_expert_groups, n_limited_groups <= "
                              "n_expert_groups and 0 < n_activated_experts <= n_limited_groups * experts per group")
@@ -122,11 +127,15 @@ class ModelArgs:
 
 
 PRESETS = {
-    # ~7M parameters (3M active): trains on a 2-core laptop CPU in minutes. init_std is the
+    # Parameter counts are accounting()'s: the main model with its embedding and output head,
+    # "active" counting K_r of the N_r routed experts; the MTP module comes on top (train.py's
+    # sum(p.numel() for p in model.parameters()) includes it).
+    # tiny: 6.26M parameters (2.72M active; 6.13M without embedding and head), 8.19M with the
+    # 1.93M of the MTP module. Trains on a 2-core laptop CPU in minutes. init_std is the
     # paper's 0.006 scaled by sqrt(7168 / 256), keeping the initial activation scale of V3.
     # γ = 0.01 rather than 0.001: a run of 1,000 steps must balance within tens of steps.
     "tiny": dict(init_std=0.006 * math.sqrt(7168 / 256), max_seq_len=1024, bias_update_speed=0.01),
-    # ~0.5B parameters (~0.13B active): one GPU.
+    # 0.47B parameters (0.13B active), 0.52B with the MTP module: one GPU.
     "small": dict(bias_update_speed=0.003, dim=1024, inter_dim=2816, n_layers=12, n_heads=16, q_lora_rank=384,
                   kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                   moe_inter_dim=384, n_routed_experts=32, n_activated_experts=6,
@@ -195,6 +204,16 @@ def apply_rope(x, freqs_cis):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def segment_positions(segment_ids):
+    """Segment ids (B, T) -> RoPE positions (B, T) counted from each segment's first token, which
+    is where the id differs from the one before (a segment is a run of equal ids: give adjacent
+    samples different ids). SFT's packed samples (§5.1) then each see the positions they have alone."""
+    i = torch.arange(segment_ids.size(1), device=segment_ids.device)
+    starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True)   # (B, T)
+    first = torch.where(starts, i, 0).cummax(dim=1).values                           # (B, T)
+    return i - first
+
+
 class Linear(nn.Module):
     """y = x W^T, no bias: every projection of the model. The FP8 section swaps in its FP8 form."""
 
@@ -230,23 +249,29 @@ class MLA(nn.Module):
         self.args, self.n_heads, H = args, args.n_heads, args.n_heads
         if args.q_lora_rank:
             self.wq_a = Linear(args.dim, args.q_lora_rank)                 # W^DQ, eq. 6
-            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
-            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim)     # [W^UQ; W^QR], eq. 7-8
+            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)          # §4.2, see below
+            self.wq_b = Linear(args.q_lora_rank, H * args.qk_head_dim)     # W^UQ, W^QR, eq. 7-8: see below
         else:
             self.wq = Linear(args.dim, H * args.qk_head_dim)
         self.wkv_a = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim)  # [W^DKV; W^KR], eq. 1, 3
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps)
-        self.wkv_b = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim))  # [W^UK; W^UV]
+        self.wkv_b = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim))  # W^UK, W^UV, eq. 2, 5
         self.wo = Linear(H * args.v_head_dim, args.dim)                    # W^O, eq. 11
+        # q_norm and kv_norm are not in eq. 1-11: they are §4.2's "additional RMSNorm layers after
+        # the compressed latent vectors" c^Q and c^KV. wq_b and wkv_b hold their two matrices
+        # interleaved per head, not stacked: rows of head h are [W^UQ_h; W^QR_h] ([W^UK_h; W^UV_h]),
+        # the layout of the published q_b_proj and kv_b_proj, split by the rearranges in forward.
         # YaRN scales the logits by m^2 (m = mscale_all_dim temperature) on top of 1/sqrt(d)
         self.softmax_scale = args.qk_head_dim ** -0.5 * yarn_mscale(args.rope_factor, args.mscale_all_dim) ** 2
         self.kv_cache = self.pe_cache = None  # (B, S, C), (B, S, R): set up by generation (part 2)
 
-    def forward(self, x, freqs_cis, pos=None, kv_len=None):
+    def forward(self, x, freqs_cis, pos=None, kv_len=None, mask=None):
         """x (B, T, D) -> (B, T, D). pos None: training, causal over x. pos (B, T): the absolute
         positions of x, whose latents are written to the cache; then kv_len None is a prefill
         (expanded, causal over x) and kv_len an int is decoding: the absorbed form over the
-        cached keys [0, kv_len)."""
+        cached keys [0, kv_len). mask (B, 1, T, S) bool, the keys each query may attend (S = T
+        expanded, kv_len absorbed; causality included), replaces the causal mask in either form:
+        SFT's sample mask (§5.1), see Transformer.attention_inputs."""
         a, B = self.args, x.size(0)
         q = self.wq_b(self.q_norm(self.wq_a(x))) if a.q_lora_rank else self.wq(x)
         q = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads)           # (B, T, H, qk_head_dim)
@@ -260,22 +285,26 @@ class MLA(nn.Module):
             self.kv_cache[rows, pos] = kv.to(self.kv_cache.dtype)
             self.pe_cache[rows, pos] = k_pe.squeeze(2).to(self.pe_cache.dtype)
         if kv_len is None:
-            o = self.attend_expanded(q_nope, q_pe, kv, k_pe)
+            o = self.attend_expanded(q_nope, q_pe, kv, k_pe, mask)
         else:
-            o = self.attend_absorbed(q_nope, q_pe, pos, kv_len)
+            o = self.attend_absorbed(q_nope, q_pe, pos, kv_len, mask)
         return self.wo(o.flatten(2))                                         # (B, T, D)
 
-    def attend_expanded(self, q_nope, q_pe, kv, k_pe):
+    def attend_expanded(self, q_nope, q_pe, kv, k_pe, mask=None):
         a = self.args
         kv = rearrange(self.wkv_b(kv), "b t (h d) -> b t h d", h=self.n_heads)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)    # (B, T, H, *)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)  # (B, T, H, qk_head_dim)
+        # A mask (SFT's samples) keeps SDPA off flash attention, which MLA's unequal qk and v head
+        # dims rule out anyway: on CUDA a fused kernel that takes a mask (memory-efficient, cuDNN)
+        # runs it, on the CPU the fused CPU kernel. flex_attention could skip whole masked blocks,
+        # at the price of a compiled kernel and a block mask per batch: a second path, not taken.
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=self.softmax_scale)
+                                           attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
         return o.transpose(1, 2)                                             # (B, T, H, v_head_dim)
 
-    def attend_absorbed(self, q_nope, q_pe, pos, kv_len):
+    def attend_absorbed(self, q_nope, q_pe, pos, kv_len, mask=None):
         a = self.args
         wkv_b = self.wkv_b.dense_weight(q_nope.dtype).unflatten(0, (self.n_heads, -1))  # (H, nope + v, C)
         w_uk, w_uv = wkv_b.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
@@ -283,7 +312,8 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                # (B, T, H, C)
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, kv.to(q_lat.dtype))
                   + torch.einsum("bthr,bsr->bhts", q_pe, pe.to(q_pe.dtype))) * self.softmax_scale
-        visible = torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]  # (B, 1, T, S)
+        visible = mask if mask is not None else \
+            torch.arange(kv_len, device=pos.device) <= pos[:, None, :, None]     # (B, 1, T, S)
         probs = scores.float().masked_fill(~visible, float("-inf")).softmax(-1).type_as(q_lat)
         o = torch.einsum("bhts,bsc->bthc", probs, kv.to(probs.dtype))      # (B, T, H, C)
         return torch.einsum("bthc,hdc->bthd", o, w_uv)                      # (B, T, H, v_head_dim)
@@ -304,15 +334,19 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Router (eq. 13-16). Affinity s = sigmoid(u W^T) in float32. A per-expert bias b (a buffer,
-    not trained by gradient) is added for the top-k *selection* only; the gating weights come
-    from the unbiased s, normalised over the chosen experts and scaled by route_scale. So the
-    bias steers load without distorting the mixture the model learns.
+    """Router (eq. 13-16). Affinity s = sigmoid(u W^T) in float32 (eq. 15). A per-expert bias b
+    (a buffer, not trained by gradient) is added for the top-k *selection* only (eq. 16); the
+    gating weights come from the unbiased s, normalised over the chosen experts (eq. 13) and
+    scaled by route_scale. So the bias steers load without distorting the mixture the model learns.
 
-    Group-limited routing: experts form n_expert_groups groups (one node each in V3); a group
-    scores the sum of its two best biased affinities, only the top n_limited_groups groups stay
-    eligible. Masked experts get -inf, not 0: a biased score can be negative, and 0 would then
-    beat it and pick an expert from a dropped group."""
+    Group-limited routing (§2.1.2's node-limited routing): experts form n_expert_groups groups (one
+    node each in V3); a group scores the sum of its two best biased affinities, and only the top
+    n_limited_groups (M) groups stay eligible. The report sums each group's K_r/M best; the
+    official code and Hugging Face sum the best 2, which is K_r/M for V3 (8/4) but not for the
+    `small` preset (6/2 = 3): we follow the published code, which the published weights were
+    trained with. A group of one expert scores that expert alone. Masked experts get -inf, not
+    0: a biased score can be negative, and 0 would then beat it and pick an expert from a dropped
+    group."""
 
     def __init__(self, args):
         super().__init__()
@@ -332,7 +366,7 @@ class Gate(nn.Module):
         biased = s if self.bias is None else s + self.bias
         if a.n_expert_groups > 1:
             groups = biased.unflatten(-1, (a.n_expert_groups, -1))            # (N, G, E/G)
-            group_score = (groups.topk(2, dim=-1).values.sum(-1) if self.bias is not None
+            group_score = (groups.topk(min(2, groups.size(-1)), dim=-1).values.sum(-1) if self.bias is not None
                            else groups.amax(-1))                              # V2: best expert
             keep = group_score.topk(a.n_limited_groups, dim=-1).indices      # (N, n_limited)
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
@@ -387,11 +421,14 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """h = x + sum_i g_i FFN_i^routed(x) + FFN^shared(x) (eq. 12). In training it also counts
-    the tokens per expert (`load`, summed until the next bias update) and computes the balance
-    loss alpha * sum_i f_i P_i (eq. 17-20) into `balance_loss`: per sequence and averaged over
-    the sequences (V3's complementary loss, and DeepSeek-V2's expert-level loss with a larger α),
-    or over the whole batch at once (balance_scope "batch", §4.5.3)."""
+    """y = sum_i g_i FFN_i^routed(x) + FFN^shared(x): eq. 12 without its residual u_t, which Block
+    adds. In training it also counts the tokens per expert (`load`, summed until the next bias
+    update) and computes the balance loss alpha * sum_i f_i P_i (eq. 17-20) into `balance_loss`:
+    per sequence and averaged over the sequences (V3's complementary loss, and DeepSeek-V2's
+    expert-level loss with a larger α), or over the whole batch at once (balance_scope "batch",
+    §4.5.3). A sequence is a packed row, as in pre-training (§4.1), also when SFT isolates the
+    samples in it (§5.1): the load to balance is what the row's tokens make together, and one
+    f and P per row need no per-sample lengths."""
 
     def __init__(self, args):
         super().__init__()
@@ -413,18 +450,18 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.load += idx.flatten().bincount(minlength=a.n_routed_experts)
-            # eq. 18-19: f_i = E / (K T) * #tokens of the sequence routed to i, P_i = mean_t s'_i,t.
+            # eq. 18-20: f_i = E / (K T) * #tokens of the sequence routed to i, P_i = mean_t s'_i,t.
             # f counts the experts the tokens were actually sent to (biased and group-limited
             # selection), the load the loss is meant to even out; eq. 18 read literally takes the
             # top-K of the unbiased s. They agree while the bias is small; f carries no gradient.
             # The batch-wise loss (§4.5.3) is the same formula over one "sequence" of all B*T
             # tokens: a sequence may then lean on a few experts as long as the batch is even.
-            S = B if a.balance_scope == "sequence" else 1                    # groups f, P run over
-            L = B * T // S                                                    # tokens per group
-            chosen = torch.zeros(S, a.n_routed_experts, device=x.device)
-            chosen.scatter_add_(1, idx.view(S, -1), torch.ones(S, L * idx.size(1), device=x.device))
-            f = chosen * a.n_routed_experts / (a.n_activated_experts * L)             # (S, E)
-            P = (s / s.sum(-1, keepdim=True)).view(S, L, -1).mean(1)                 # (S, E)
+            n_seq = B if a.balance_scope == "sequence" else 1                # sequences f, P run over
+            L = B * T // n_seq                                                # tokens per sequence
+            chosen = torch.zeros(n_seq, a.n_routed_experts, device=x.device)
+            chosen.scatter_add_(1, idx.view(n_seq, -1), torch.ones(n_seq, L * idx.size(1), device=x.device))
+            f = chosen * a.n_routed_experts / (a.n_activated_experts * L)             # (n_seq, E)
+            P = (s / s.sum(-1, keepdim=True)).view(n_seq, L, -1).mean(1)             # (n_seq, E)
             self.balance_loss = a.balance_alpha * (f * P).sum(-1).mean()
         return y.view(B, T, D)
 
@@ -437,29 +474,32 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
         self.attn = MLA(args)
-        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+        moe = args.n_routed_experts > 0 and layer_id >= args.n_dense_layers  # V3: layers 3 on (§4.2)
+        self.ffn = MoE(args) if moe else MLP(args.dim, args.inter_dim)
 
-    def forward(self, x, freqs_cis, pos=None, kv_len=None):
-        x = x + self.attn(self.attn_norm(x), freqs_cis, pos, kv_len)
+    def forward(self, x, freqs_cis, pos=None, kv_len=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), freqs_cis, pos, kv_len, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class MTPModule(nn.Module):
-    """Depth-k MTP module (eq. 21-23): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))], then
-    one Transformer block, then the shared output head predicts t_{i+k+1}. The embedding and
-    head are the main model's (shared); `norm` is the published `shared_head.norm`."""
+    """Depth-k MTP module (eq. 21-23): h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then
+    one Transformer block (eq. 22), then the shared output head predicts t_{i+k+1} (eq. 23). The
+    concatenation puts the embedding first, the reverse of eq. 21 as printed: it is the order the
+    published eh_proj (M_k) expects, as in the official code. The embedding and head are the main
+    model's (shared); `norm` is the published `shared_head.norm`."""
 
     def __init__(self, args):
         super().__init__()
         self.enorm, self.hnorm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
         self.eh_proj = Linear(2 * args.dim, args.dim)                       # M_k, eq. 21
-        self.block = Block(args.n_layers, args)  # a MoE block when the model has experts
+        self.block = Block(args.n_layers, args)  # a MoE block unless the model is dense only
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h_prev, emb_next, freqs_cis, pos=None, kv_len=None):
+    def forward(self, h_prev, emb_next, freqs_cis, pos=None, kv_len=None, mask=None):
         """h_prev (B, T, D) from depth k-1 (normalised), emb_next = Emb(t_{i+k}) (B, T, D)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.block(h, freqs_cis, pos, kv_len))
+        return self.norm(self.block(h, freqs_cis, pos, kv_len, mask))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,34 +532,72 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def trunk(self, tokens, pos=None, kv_len=None):
-        """tokens (B, T) -> final normalised hidden states (B, T, D). pos and kv_len: see MLA."""
-        freqs = self.freqs_cis[:tokens.size(1)] if pos is None else self.freqs_cis[pos]
+    def attention_inputs(self, tokens, segment_ids=None):
+        """RoPE rotations and attention mask of a forward over all of tokens (B, T).
+        Pre-training (§4.1) packs documents into rows without a cross-document mask: positions
+        0..T-1 for every row, causal attention (mask None). SFT (§5.1) packs samples too but
+        keeps them "isolated and mutually invisible": with segment_ids (B, T), the mask
+        (B, 1, T, T) lets token t see tokens first..t, first where its segment starts, and
+        positions restart at each segment (segment_positions; under the mask RoPE's scores,
+        which depend on relative positions only, are the same either way, but each sample then
+        gets the rotations it has alone). -> freqs (T or B, T, R/2, 2), mask or None."""
+        T = tokens.size(1)
+        if segment_ids is None:
+            return self.freqs_cis[:T], None
+        if segment_ids.shape != tokens.shape:
+            raise ValueError(f"segment_ids must have the shape of tokens {tuple(tokens.shape)}, "
+                             f"got {tuple(segment_ids.shape)}")
+        pos = segment_positions(segment_ids)                                  # (B, T)
+        i = torch.arange(T, device=tokens.device)
+        first = (i - pos)[:, :, None]                                         # (B, T, 1)
+        mask = (i <= i[:, None]) & (i >= first)                               # (B, T, T): keys first..t
+        return self.freqs_cis[pos], mask.unsqueeze(1)
+
+    def trunk(self, tokens, pos=None, kv_len=None, segment_ids=None):
+        """tokens (B, T) -> final normalised hidden states (B, T, D). pos and kv_len: see MLA;
+        segment_ids: see attention_inputs. A cached call (pos given) takes no segment_ids: its
+        queries attend cached keys whose segments the latent cache does not keep."""
+        if pos is None:
+            freqs, mask = self.attention_inputs(tokens, segment_ids)
+        elif segment_ids is None:
+            freqs, mask = self.freqs_cis[pos], None
+        else:
+            raise ValueError("segment_ids apply to a forward over whole rows, not to cached decoding")
         h = self.embed(tokens)
         for layer in self.layers:
-            h = layer(h, freqs, pos, kv_len)
+            h = layer(h, freqs, pos, kv_len, mask)
         return self.norm(h)
 
-    def forward(self, tokens, targets=None, mtp_weight=0.3):
+    def forward(self, tokens, targets=None, mtp_weight=0.3, segment_ids=None):
         """Logits (B, T, V) for every position. With targets (B, T) = next tokens (-1 ignored)
         also a dict of losses: "loss" = ce + mtp_weight * mtp + balance, where mtp is the mean
         over depths k of the cross-entropy for t_{i+k+1} (λ/D sum_k L_MTP^k, eq. 25) and balance
-        the sum of the sequence-wise balance losses of the MoE layers that ran (eq. 17)."""
+        the sum of the sequence-wise balance losses of the MoE layers that ran (eq. 17).
+        segment_ids (B, T): SFT's sample masking (§5.1), see attention_inputs; each segment gets
+        the logits and the ce and mtp losses it would get alone, whereas the balance loss still
+        counts each packed row as one sequence (the routing of every token is unchanged)."""
         for m in self.moe_layers():
             m.balance_loss = None  # only the layers this call runs report one
-        h = self.trunk(tokens)
+        h = self.trunk(tokens, segment_ids=segment_ids)
         logits = self.head(h)
         if targets is None:
             return logits
         ce = lambda lg, tg: F.cross_entropy(lg.float().flatten(0, 1), tg.flatten(), ignore_index=-1)
         losses = {"ce": ce(logits, targets)}
         mtp, T = [], tokens.size(1)
+        freqs, mask = self.attention_inputs(tokens, segment_ids)
         for k, module in enumerate(self.mtp, start=1):
             if T <= k:
                 break
-            # position i (< T-k) combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}
-            h = module(h[:, :-1], self.embed(tokens[:, k:]), self.freqs_cis[:T - k])
-            mtp.append(ce(self.head(h), targets[:, k:]))
+            # position i (< T-k) combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}:
+            # the first T-k positions, their rotations and the top-left (T-k, T-k) of the mask
+            h = module(h[:, :-1], self.embed(tokens[:, k:]), freqs[..., :T - k, :, :],
+                       mask=None if mask is None else mask[..., :T - k, :T - k])
+            target = targets[:, k:]
+            if mask is not None:  # t_{i+k} in another sample than i: no prediction across it
+                same = mask[:, 0, k:, :T - k].diagonal(dim1=-2, dim2=-1)  # (B, T-k): t_{i+k} sees i
+                target = target.masked_fill(~same, -1)
+            mtp.append(ce(self.head(h), target))
         losses["mtp"] = torch.stack(mtp).mean() if mtp else logits.new_zeros((), dtype=torch.float32)
         bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         losses["balance"] = torch.stack(bal).sum() if bal else torch.zeros_like(losses["mtp"])
@@ -563,7 +641,8 @@ class Transformer(nn.Module):
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0                       # largest finite e4m3 value
-FP8_BLOCK = 128                       # N_C = 128: 1x128 activation tiles, 128x128 weight blocks
+FP8_BLOCK = 128                       # 1x128 activation tiles, 128x128 weight blocks (§3.3.2); not
+                                      # N_C, the interval (also 128) of §3.3.2's promotion to FP32
 ACT, WEIGHT = (1, FP8_BLOCK), (FP8_BLOCK, FP8_BLOCK)
 
 

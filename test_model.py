@@ -101,6 +101,90 @@ def test_cached_decoding_reproduces_full_forward(q_lora_rank):
         assert rel(cached[:, t], full[:, t]) < 1e-5, t
 
 
+# ---------------------------------------------------------------------------- SFT sample masking (§5.1)
+
+# Two packed rows: row 0 holds three samples; row 1 reuses id 0 for two samples that a third
+# separates (a segment is a run of equal ids). (row, first, end) of every segment:
+PACKED_IDS = torch.tensor([[4] * 7 + [9] * 5 + [2] * 8, [0] * 6 + [1] * 5 + [0] * 9])
+PACKED_SEGMENTS = [(0, 0, 7), (0, 7, 12), (0, 12, 20), (1, 0, 6), (1, 6, 11), (1, 11, 20)]
+
+
+def test_segment_positions_restart_at_each_segment():
+    """Positions by hand, and the rotations the model takes for them. (Under the sample mask the
+    logits cannot show the restart: RoPE scores depend on relative positions only.)"""
+    from model import segment_positions
+    hand = torch.tensor([list(range(7)) + list(range(5)) + list(range(8)),
+                         list(range(6)) + list(range(5)) + list(range(9))])
+    assert torch.equal(segment_positions(PACKED_IDS), hand)
+    model = random_model()
+    tokens = torch.zeros(2, 20, dtype=torch.long)
+    freqs, mask = model.attention_inputs(tokens, PACKED_IDS)
+    assert torch.equal(freqs, model.freqs_cis[hand])
+    assert mask[0, 0, 9].tolist() == [False] * 7 + [True] * 3 + [False] * 10  # token 9 sees 7, 8, 9
+    with pytest.raises(ValueError, match="shape of tokens"):
+        model(tokens, segment_ids=PACKED_IDS[:, :19])
+    with pytest.raises(ValueError, match="cached decoding"):
+        model.trunk(tokens, torch.arange(20).expand(2, 20), segment_ids=PACKED_IDS)
+
+
+def test_packed_segments_get_the_logits_losses_and_loads_they_get_alone():
+    """A packed row of several segments, MTP on: each segment's logits and its main and MTP
+    losses (the other segments' targets -1) equal those of the segment run alone. The MTP loss
+    must drop the position before each segment, whose next token is that segment's first:
+    counting it would add a term the segment alone does not have. The main model's MoE layers
+    route every token to the experts it gets alone (the MTP module's still routes those dropped
+    positions: they are computed, so they load their experts)."""
+    model = random_model().train()  # train mode: the MoE layers count their loads
+    tokens, targets = torch.randint(0, 64, (2, 20)), torch.randint(0, 64, (2, 20))
+    targets[0, 3] = targets[1, 15] = -1                        # ignored targets stay ignored
+    main_moe = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoE)]
+    for b, lo, hi in PACKED_SEGMENTS:
+        only = torch.full_like(targets, -1)
+        only[b, lo:hi] = targets[b, lo:hi]
+        logits, L = model(tokens, only, segment_ids=PACKED_IDS)
+        ref_logits, ref = model(tokens[b:b + 1, lo:hi], targets[b:b + 1, lo:hi])
+        assert rel(logits[b:b + 1, lo:hi], ref_logits) < 1e-5, (b, lo)
+        assert L["ce"].item() == pytest.approx(ref["ce"].item(), rel=1e-5), (b, lo)
+        assert L["mtp"].item() == pytest.approx(ref["mtp"].item(), rel=1e-5), (b, lo)
+    model.update_bias(0.0)                                     # resets the counts
+    model(tokens, targets, segment_ids=PACKED_IDS)[1]["loss"].backward()
+    packed = torch.stack([m.load.clone() for m in main_moe])
+    model.update_bias(0.0)
+    for b, lo, hi in PACKED_SEGMENTS:
+        model(tokens[b:b + 1, lo:hi])
+    assert torch.equal(packed, torch.stack([m.load for m in main_moe]))
+    assert packed.sum() == 2 * 20 * model.args.n_activated_experts * len(main_moe)
+
+
+def test_segment_mask_in_absorbed_attention_equals_expanded_and_each_segment_alone():
+    """The absorbed form (decoding's) takes the same sample mask over its cache as the expanded
+    form over x: a packed prefill through either gives every segment its attention output alone."""
+    model = random_model()
+    attn, (B, T) = model.layers[0].attn, PACKED_IDS.shape
+    x = torch.randn(B, T, model.args.dim)
+    freqs, mask = model.attention_inputs(torch.zeros_like(PACKED_IDS), PACKED_IDS)
+    with torch.no_grad():
+        expanded = attn(x, freqs, mask=mask)
+        setup_cache(model, B, T + 3)
+        pos = torch.arange(T).expand(B, T)
+        absorbed = attn(x, freqs, pos, kv_len=T + 3, mask=F.pad(mask, (0, 3)))  # 3 empty slots masked
+        assert rel(absorbed, expanded) < 1e-5
+        for b, lo, hi in PACKED_SEGMENTS:
+            alone = attn(x[b:b + 1, lo:hi], model.freqs_cis[:hi - lo])
+            assert rel(expanded[b:b + 1, lo:hi], alone) < 1e-5 and rel(absorbed[b:b + 1, lo:hi], alone) < 1e-5
+
+
+def test_without_segment_ids_or_with_one_segment_outputs_are_bit_identical():
+    """No segment_ids keeps pre-training's causal path (is_causal, positions 0..T-1), the code
+    as it was before segment_ids; one segment per row takes the mask path instead, and on this
+    CPU its logits and losses are bit-identical to it."""
+    model = random_model().train()
+    tokens, targets = torch.randint(0, 64, (2, 20)), torch.randint(0, 64, (2, 20))
+    logits, L = model(tokens, targets)
+    one_logits, one = model(tokens, targets, segment_ids=torch.full_like(tokens, 3))
+    assert torch.equal(one_logits, logits) and all(torch.equal(one[k], L[k]) for k in L)
+
+
 @pytest.mark.parametrize("T", [1, 2])
 def test_static_shape_step_over_whole_cache_equals_cut_cache(T):
     """The step that torch.compile gets attends the whole cache (a fixed shape) with the keys past
@@ -217,6 +301,37 @@ def test_gate_never_picks_outside_kept_groups(bias_shift):
         assert {e // 4 for e in idx[n].tolist()} <= set(kept)
         eligible = [(biased[n][e], e) for e in range(16) if e // 4 in kept]
         assert set(idx[n].tolist()) == {e for _, e in sorted(eligible, reverse=True)[:4]}
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_gate_with_one_expert_per_group_routes_as_without_groups(score_func):
+    """4 experts in 4 groups (a group scores its single expert; topk(2) of a group of one used
+    to crash): keeping the best M = 2 groups keeps the best 2 experts, so picking K = 2 of them
+    must give the ungrouped gate's choice and weights, same weights and bias."""
+    torch.manual_seed(0)
+    one_each = Gate(small_args(n_routed_experts=4, n_expert_groups=4, n_limited_groups=2, score_func=score_func))
+    ungrouped = Gate(small_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, score_func=score_func))
+    torch.nn.init.normal_(one_each.weight, std=1.0)
+    ungrouped.load_state_dict(one_each.state_dict())
+    if score_func == "sigmoid":
+        with torch.no_grad():
+            one_each.bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.4]))
+            ungrouped.bias.copy_(one_each.bias)
+    x = torch.randn(50, one_each.args.dim)
+    (w, idx, s), (w_ref, idx_ref, s_ref) = one_each(x), ungrouped(x)
+    assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref) and torch.equal(s, s_ref)
+
+
+def test_model_args_refuse_moe_layers_without_experts():
+    """n_routed_experts = 0 means a dense-only model; with layers left to be MoE it is refused in
+    one line naming the field, and dense-only (MTP block included) builds and runs."""
+    with pytest.raises(ValueError, match=r"n_routed_experts is 0 .* set n_dense_layers=3"):
+        small_args(n_routed_experts=0)
+    model = Transformer(small_args(n_routed_experts=0, n_dense_layers=3)).train()
+    assert not model.moe_layers()
+    tokens = torch.randint(0, 64, (2, 9))
+    _, L = model(tokens[:, :-1], tokens[:, 1:])
+    assert L["balance"].item() == 0 and L["mtp"].item() > 0
 
 
 def random_moe(std=0.2, **kw):
@@ -1418,6 +1533,7 @@ HOSTILE_CONFIGS = {  # config.json edits -> a word the one-line error must conta
     "yarn beta 0": ({"rope_scaling": {"type": "yarn", "factor": 4, "beta_fast": 0}}, "beta_fast"),
     "eps nan": ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
     "scoring not a string": ({"scoring_func": 1}, "scoring_func"),
+    "experts not divisible by groups": ({"n_group": 3}, "n_routed_experts"),
     "a list": ([], "json object"),
     "a FIFO": (None, "not a regular file"),
     "too big to fit": ({"vocab_size": 1 << 24, "hidden_size": 1 << 17}, "gib"),
@@ -1436,6 +1552,24 @@ def test_hostile_config_is_one_line_error_before_allocating(capsys, ckpt, tmp_pa
     code, out, err = run_main(capsys, "--ckpt", tmp_path)
     one_line_error(code, out, err)
     assert word in err.lower()
+
+
+@pytest.mark.parametrize("experts", [dict(n_routed_experts=4, n_expert_groups=4, n_limited_groups=2),
+                                     dict(n_routed_experts=0, n_dense_layers=2)], ids=["one per group", "none"])
+def test_published_config_with_one_expert_per_group_or_none_loads_and_generates(capsys, tmp_path, experts):
+    """config.json with n_group == n_routed_experts, or n_routed_experts 0 beside n_group 2 and an
+    MTP layer (read as dense only, as Hugging Face does): infer.py generates, and the loaded
+    model gives the saved one's logits."""
+    path = save_tiny(tmp_path / "ckpt", **experts)
+    cfg = json.loads(Path(path, "config.json").read_text())
+    assert (cfg["n_routed_experts"], cfg["n_group"], cfg["num_nextn_predict_layers"]) == \
+        (experts["n_routed_experts"], 4 if experts["n_routed_experts"] else 2, 1)
+    code, out, err = run_main(capsys, "--ckpt", path, "--max-new-tokens", 8, "--prompt", "x = ")
+    assert code == 0 and out.startswith("x = "), err
+    torch.manual_seed(0)
+    saved = Transformer(ModelArgs.from_preset("tiny", **{**TINY, **experts})).eval()
+    tokens = torch.randint(0, 260, (1, 12))
+    assert torch.equal(Transformer.from_pretrained(path)(tokens), saved(tokens))
 
 
 @pytest.mark.parametrize("weight_map", [{"a": 3}, {"a": ["x"]}, {"a": "../out/model.safetensors"},
