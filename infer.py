@@ -37,8 +37,9 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (
 import torch
 from safetensors import SafetensorError
 
-from model import PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model, setup_cache
-from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIALS, Parser, count, decode, die, encode, fim_prompt,
+from model import (FIM_NAMES, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model,
+                   setup_cache, tokenizer_ids)
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Parser, count, decode, die, encode, fim_prompt,
                    human_bytes, init_distributed, leave_distributed, nonneg, number, one_line, pick_device,
                    positive_int, seed_number, thread_count)
 
@@ -115,12 +116,6 @@ def load_model(a, rank=0, world=1):
             "re-save it or point --ckpt at another folder")
 
 
-# The PSM tokens (§4.1) by name: DeepSeek-V3's tokenizer.json (full-width bars, U+2581 for the
-# space), then our byte tokenizer's names, which a tokenizer.json trained for this repo would use.
-FIM_NAMES = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
-             tuple(SPECIALS[i] for i in (FIM_BEGIN, FIM_HOLE, FIM_END))]
-
-
 @dataclass
 class Vocab:
     """A checkpoint's tokenizer and the ids that frame generated text. encode is None where only
@@ -137,41 +132,6 @@ class Vocab:
 BYTES = Vocab(encode, decode, encode, end=(EOT,), fim=(FIM_BEGIN, FIM_HOLE, FIM_END))  # train.py's
 
 
-def read_json(path):
-    if not os.path.exists(path):
-        return {}
-    if not os.path.isfile(path):  # a FIFO would block the read
-        die(f"{path} is not a regular file; replace or remove it")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        die(f"cannot read {path}: {one_line(e)}; fix or remove it")
-    return config if isinstance(config, dict) else {}
-
-
-def special_ids(ckpt, token_id, vocab_size):
-    """-> (begin id to put before prompts or None, end ids). Each from the first file that names
-    it: generation_config.json, then config.json (ids; eos may be a list), as Hugging Face's
-    generate() reads them, then tokenizer_config.json (a token as a string or {"content": ...},
-    looked up with token_id, None without a tokenizer). The begin id only where
-    tokenizer_config.json sets add_bos_token. Ids outside the vocabulary are dropped."""
-    generation, config, tokenizer = (read_json(os.path.join(ckpt, name)) for name in
-                                     ("generation_config.json", "config.json", "tokenizer_config.json"))
-
-    def ids(kind):
-        key = f"{kind}_token_id"
-        named = next((c[key] for c in (generation, config) if c.get(key) is not None), None)
-        if named is None and token_id is not None:
-            token = tokenizer.get(f"{kind}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            named = token_id(token) if isinstance(token, str) else None
-        return [i for i in (named if isinstance(named, list) else [named]) if type(i) is int and 0 <= i < vocab_size]
-
-    bos = ids("bos")
-    return (bos[0] if bos and tokenizer.get("add_bos_token") is True else None), tuple(ids("eos"))
-
-
 def load_tokenizer(ckpt, vocab_size):
     """-> Vocab: the folder's tokenizer.json with the special ids its configs name, or our byte
     tokenizer for a checkpoint of its vocabulary without one."""
@@ -179,23 +139,29 @@ def load_tokenizer(ckpt, vocab_size):
     if not os.path.exists(path):
         if vocab_size == BYTE_VOCAB:
             return BYTES
-        return Vocab(end=special_ids(ckpt, None, vocab_size)[1], why=(
+        return Vocab(end=side_ids(ckpt, None, vocab_size)[1], why=(
             f"{ckpt} has no tokenizer.json and a vocabulary of {vocab_size}, not the byte tokenizer's "
             f"{BYTE_VOCAB}; add the checkpoint's tokenizer.json or pass --prompt-ids"))
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        return Vocab(end=special_ids(ckpt, None, vocab_size)[1],
+        return Vocab(end=side_ids(ckpt, None, vocab_size)[1],
                      why=f"{path} needs the tokenizers package: pip install tokenizers (or pass --prompt-ids)")
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # the package raises plain Exceptions for malformed files
         die(f"cannot read {path}: {one_line(e)}; replace it or pass --prompt-ids")
-    bos, end = special_ids(ckpt, tok.token_to_id, vocab_size)
-    fims = [tuple(map(tok.token_to_id, names)) for names in FIM_NAMES]
     return Vocab(lambda text: tok.encode(text).ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                 lambda text: tok.encode(text, add_special_tokens=False).ids, bos, end,
-                 next((f for f in fims if all(i is not None and i < vocab_size for i in f)), None))
+                 lambda text: tok.encode(text, add_special_tokens=False).ids,
+                 *side_ids(ckpt, tok.token_to_id, vocab_size))
+
+
+def side_ids(ckpt, token_id, vocab_size):
+    """-> (begin id or None, end ids, FIM ids or None) that the folder's side files name (model.py)."""
+    try:
+        return tokenizer_ids(ckpt, token_id, vocab_size)
+    except CheckpointError as e:
+        die(one_line(e))
 
 
 def prompt_ids(a, vocab, vocab_size):

@@ -13,7 +13,8 @@ Part 2, the engineering, each section acting on the built model from outside:
     expert back-ends ..... one grouped or batched GEMM instead of part 1's loop over experts
     generation ........... latent KV cache, plain and MTP speculative decoding, sampling (§2.2, §5.4.3)
     parallelism .......... tensor-parallel attention and FFN, expert-parallel MoE (§3.4), applied by shard()
-    checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 with 128x128 block scales)
+    checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 with 128x128 block scales),
+                           the tokenizer's side files (begin, end and FIM token ids)
     accounting ........... parameters, FLOPs and KV-cache bytes without allocating (meta device)
 
 Shape letters: B batch, T query tokens, S cached keys, D model dim, H heads, C kv_lora_rank,
@@ -1505,6 +1506,59 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
     for m in model.moe_layers():
         m.load = torch.zeros_like(m.load)
     return model.eval()
+
+
+# The tokenizer's side files: the ids that begin a prompt, end generation and frame a FIM prompt,
+# read as Hugging Face reads them. The PSM tokens (§4.1) by name: DeepSeek-V3's tokenizer.json
+# (full-width bars, U+2581 for the space), then our byte tokenizer's (train.py's SPECIALS, a test
+# holds them equal), which a tokenizer.json trained for this repo would use.
+FIM_NAMES = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+             ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")]
+
+
+def read_json(path):
+    """A side file's JSON object; {} where the file is absent or holds no object."""
+    if not os.path.exists(path):
+        return {}
+    if not os.path.isfile(path):  # a FIFO would block the read
+        raise CheckpointError(f"{path} is not a regular file; replace or remove it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}; fix or remove it") from None
+    return config if isinstance(config, dict) else {}
+
+
+def special_ids(ckpt, token_id, vocab_size):
+    """-> (begin id to put before prompts or None, end ids). Each from the first file that names
+    it: generation_config.json, then config.json (ids; eos may be a list), as Hugging Face's
+    generate() reads them, then tokenizer_config.json (a token as a string or {"content": ...},
+    looked up with token_id, None without a tokenizer). The begin id only where
+    tokenizer_config.json sets add_bos_token. Ids outside the vocabulary are dropped."""
+    generation, config, tokenizer = (read_json(os.path.join(ckpt, name)) for name in
+                                     ("generation_config.json", "config.json", "tokenizer_config.json"))
+
+    def ids(kind):
+        key = f"{kind}_token_id"
+        named = next((c[key] for c in (generation, config) if c.get(key) is not None), None)
+        if named is None and token_id is not None:
+            token = tokenizer.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            named = token_id(token) if isinstance(token, str) else None
+        return [i for i in (named if isinstance(named, list) else [named]) if type(i) is int and 0 <= i < vocab_size]
+
+    bos = ids("bos")
+    return (bos[0] if bos and tokenizer.get("add_bos_token") is True else None), tuple(ids("eos"))
+
+
+def tokenizer_ids(ckpt, token_id, vocab_size):
+    """-> (begin id or None, end ids, FIM (begin, hole, end) ids or None) of the tokenizer in the
+    folder ckpt: special_ids, and the first FIM_NAMES whose three tokens token_id (the
+    tokenizer.json's token -> id or None; None without one) finds in the vocabulary."""
+    bos, end = special_ids(ckpt, token_id, vocab_size)
+    fims = [tuple(map(token_id, names)) for names in FIM_NAMES] if token_id is not None else []
+    return bos, end, next((f for f in fims if all(i is not None and i < vocab_size for i in f)), None)
 
 
 # ----------------------------------------------------------------------------------------------

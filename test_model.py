@@ -1340,6 +1340,15 @@ def test_checkpoint_tokenizer_json_is_used(capsys, tmp_path):
     assert int(SUMMARY.search(err)[1]) == len(tok.encode("def fib").ids)
 
 
+def test_tokenizer_json_with_the_byte_tokenizers_fim_names_frames_fim_prompts(tmp_path):
+    """model.py's FIM_NAMES spells train.py's SPECIALS a second time (model.py imports nothing
+    from train.py): a tokenizer.json holding those three tokens gets FIM prompts framed by them."""
+    tok = byte_bpe([train_module.SPECIALS[i] for i in (FIM_BEGIN, FIM_HOLE, FIM_END)])
+    path = save_tiny(tmp_path, vocab_size=tok.get_vocab_size())
+    tok.save(os.path.join(path, "tokenizer.json"))
+    assert infer.load_tokenizer(path, tok.get_vocab_size()).fim == (0, 1, 2)  # special tokens take the first ids
+
+
 # DeepSeek-V3's special tokens: full-width bars (U+FF5C) and U+2581 where a space would be
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
