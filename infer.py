@@ -24,7 +24,6 @@ works with any checkpoint. The text goes to stdout, the speed line to stderr.
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -37,8 +36,8 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (
 import torch
 from safetensors import SafetensorError
 
-from model import (FIM_NAMES, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model,
-                   setup_cache, tokenizer_ids)
+from model import (FIM_NAMES, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, setup_cache,
+                   tokenizer_ids, weight_bytes_per_rank)
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Parser, count, decode, die, encode, fim_prompt,
                    human_bytes, init_distributed, leave_distributed, nonneg, number, one_line, pick_device,
                    positive_int, seed_number, thread_count)
@@ -307,8 +306,8 @@ def bench(model, ids, a):
 
 
 def dry_run(a):
-    """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone: the
-    model is built on the meta device with this rank's shapes (all ranks hold equal shares)."""
+    """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone; the
+    weights as model.py's weight_bytes_per_rank counts them (on the meta device)."""
     try:
         args = (ModelArgs.from_preset(a.ckpt) if a.ckpt in PRESETS and not os.path.isdir(a.ckpt) else
                 ModelArgs.from_hf_config(json.loads(open(os.path.join(a.ckpt, "config.json")).read())))
@@ -316,16 +315,10 @@ def dry_run(a):
         die(f"--dry-run: cannot read the config of {a.ckpt}: {one_line(e)}; give a checkpoint "
             f"folder or a preset ({', '.join(PRESETS)})")
     try:
-        model = meta_model(args, 0, a.dry_run, DTYPES[a.dtype])  # fp8: FP8 projections, the rest bfloat16
+        parts = weight_bytes_per_rank(args, a.dry_run, DTYPES[a.dtype])  # fp8: FP8 projections, the rest bfloat16
     except ValueError as e:
         die(f"--dry-run {a.dry_run}: {e}")
-    compute = 4 if a.dtype == "float32" else 2
-    parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
-    split = re.compile(r"\.(wq|wq_b|wkv_b|wo|w1|w2|w3)\.|^head\.")
-    for name, p in model.named_parameters():
-        b = p.numel() * p.element_size()
-        parts[list(parts)[0 if ".experts." in name else 1 if split.search(name) else 2]] += b
-    kv = kv_bytes_per_token(args, compute)
+    kv = kv_bytes_per_token(args, 4 if a.dtype == "float32" else 2)
     weights = sum(parts.values())
     print(f"{a.ckpt} on {a.dry_run} rank(s), {a.dtype} weights"
           f"{' (128x128 float32 block scales, bfloat16 for embedding, head, norms, router)' if a.dtype == 'fp8' else ''}")

@@ -15,7 +15,7 @@ Part 2, the engineering, each section acting on the built model from outside:
     parallelism .......... tensor-parallel attention and FFN, expert-parallel MoE (§3.4), applied by shard()
     checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 with 128x128 block scales),
                            the tokenizer's side files (begin, end and FIM token ids)
-    accounting ........... parameters, FLOPs and KV-cache bytes without allocating (meta device)
+    accounting ........... parameters, FLOPs, KV-cache and per-rank weight bytes without allocating (meta device)
 
 Shape letters: B batch, T query tokens, S cached keys, D model dim, H heads, C kv_lora_rank,
 R qk_rope_head_dim, E routed experts, K experts per token, N tokens (B*T), I expert width, V vocabulary.
@@ -1600,6 +1600,19 @@ def kv_bytes_per_token(args, bytes_per_number=2):
     (speculative decoding runs them). V3 in BF16: 62 x 576 x 2 = 71,424 bytes (61 x 576 x 2 = 70,272
     for the main model alone)."""
     return (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * bytes_per_number
+
+
+def weight_bytes_per_rank(args, world_size=1, dtype=torch.float32):
+    """Bytes of weights that each of world_size serving ranks holds (all hold equal shares; see
+    shard), in three parts: its 1/world_size of the routed experts; its slice of the tensors that
+    tensor parallelism splits (NAMES' split dims: heads, FFN width, vocabulary); and the
+    replicated rest. dtype as in meta_model (float8_e4m3fn: FP8 projections with their scales)."""
+    model = meta_model(args, 0, world_size, dtype)
+    parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
+    for name, p in model.named_parameters():
+        part = 0 if ".experts." in name else 1 if split_dim(name, args.n_layers) is not None else 2
+        parts[list(parts)[part]] += p.numel() * p.element_size()
+    return parts
 
 
 def activation_bytes(args, batch_size, seq_len, autocast=True, attention="fused", expert_rows=1.0):

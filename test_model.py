@@ -1863,6 +1863,30 @@ def test_dry_run_memory_per_rank_of_deepseek_v3_in_fp8(capsys):
     assert code != 0 and "does not split over 7 ranks" in err
 
 
+def test_weight_bytes_per_rank_of_the_tiny_preset_on_two_ranks_by_hand():
+    """The tiny preset (4 layers, the first dense, 1 MTP block; 4 heads, 16 experts) on 2 ranks in
+    float32, counted by hand per rank: half the experts; half the rows of wq_b, wkv_b, w1, w3 and
+    the head, half the columns of wo and w2; everything else whole. The parts add up to the
+    bytes of rank 0's meta model, and sharding cuts each tensor along its split_dim (experts along
+    dim 0), or not at all where split_dim says None."""
+    args = ModelArgs.from_preset("tiny")
+    D, V, H, blocks, moe_blocks = 256, 260, 4, 4 + 1, 3 + 1
+    qk, v, q_rank, kv_rank, rope = 32 + 16, 32, 128, 64, 16
+    experts = moe_blocks * (16 // 2) * 3 * D * 128
+    split = (blocks * (H // 2 * qk * q_rank + H // 2 * (qk - rope + v) * kv_rank + D * H // 2 * v)
+             + 3 * D * 768 // 2 + moe_blocks * 3 * D * 128 // 2 + V // 2 * D)
+    replicated = (V * D + D + blocks * (2 * D + q_rank * D + q_rank + (kv_rank + rope) * D + kv_rank)
+                  + moe_blocks * 16 * D + 2 * D + 2 * D * D + D)  # router weights; MTP enorm, hnorm, eh_proj, norm
+    parts = model_module.weight_bytes_per_rank(args, 2)
+    assert list(parts.values()) == [4 * experts, 4 * split, 4 * replicated]
+    one, two = (dict(model_module.meta_model(args, 0, n).named_parameters()) for n in (1, 2))
+    assert sum(parts.values()) == sum(p.numel() * p.element_size() for p in two.values())
+    for name, p in two.items():
+        d = 0 if ".experts." in name else model_module.split_dim(name, args.n_layers)
+        cut = [n // 2 if i == d else n for i, n in enumerate(one[name].shape)]
+        assert list(p.shape) == cut, name
+
+
 # ============================================================================ README quick start
 
 def test_readme_quick_start_trains_then_infers_as_a_user_runs_it(tmp_path):
