@@ -306,14 +306,15 @@ def bench(model, ids, a):
 
 
 def dry_run(a):
-    """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone; the
-    weights as model.py's weight_bytes_per_rank counts them (on the meta device)."""
+    """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone (--ckpt
+    a folder, its config.json or a preset); the weights as model.py's weight_bytes_per_rank counts them."""
     try:
+        config = a.ckpt if os.path.isfile(a.ckpt) else os.path.join(a.ckpt, "config.json")  # a folder or its config
         args = (ModelArgs.from_preset(a.ckpt) if a.ckpt in PRESETS and not os.path.isdir(a.ckpt) else
-                ModelArgs.from_hf_config(json.loads(open(os.path.join(a.ckpt, "config.json")).read())))
+                ModelArgs.from_hf_config(json.loads(open(config).read())))
     except (OSError, ValueError, RecursionError) as e:
         die(f"--dry-run: cannot read the config of {a.ckpt}: {one_line(e)}; give a checkpoint "
-            f"folder or a preset ({', '.join(PRESETS)})")
+            f"folder, its config.json or a preset ({', '.join(PRESETS)})")
     try:
         parts = weight_bytes_per_rank(args, a.dry_run, DTYPES[a.dtype])  # fp8: FP8 projections, the rest bfloat16
     except ValueError as e:

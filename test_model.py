@@ -1863,6 +1863,14 @@ def test_dry_run_memory_per_rank_of_deepseek_v3_in_fp8(capsys):
     assert code != 0 and "does not split over 7 ranks" in err
 
 
+def test_dry_run_reads_a_config_json_file_as_the_readme_says(capsys, tmp_path):
+    """`--ckpt` may be a downloaded folder's config.json (README): the same report as the folder's,
+    and as the preset's that the file was written from."""
+    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.from_preset("tiny").to_hf_config()))
+    reports = [run_main(capsys, "--ckpt", ckpt, "--dry-run", "2") for ckpt in ("tiny", tmp_path, tmp_path / "config.json")]
+    assert [code for code, *_ in reports] == [0, 0, 0]
+    assert len({out.split(" on 2 rank(s)", 1)[1] for _, out, _ in reports}) == 1
+
 def test_weight_bytes_per_rank_of_the_tiny_preset_on_two_ranks_by_hand():
     """The tiny preset (4 layers, the first dense, 1 MTP block; 4 heads, 16 experts) on 2 ranks in
     float32, counted by hand per rank: half the experts; half the rows of wq_b, wkv_b, w1, w3 and
