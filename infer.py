@@ -20,6 +20,13 @@ folder's tokenizer.json when there is one (needs `pip install tokenizers`), with
 and the begin and end tokens that tokenizer_config.json, generation_config.json or config.json
 name; generation ends at the end token (ours: <|endoftext|>). --prompt-ids takes token ids and
 works with any checkpoint. The text goes to stdout, the speed line to stderr.
+
+Part 1, the recipe:
+    prompt_ids ........... text, token ids, or a fill-in-the-middle prompt in PSM order (§4.1)
+    complete ............. the generation call, streamed as it is written (Printer), timed
+    bench ................ plain vs MTP speculative greedy decoding (§2.2): tokens/s, acceptance
+Part 2, the harness: command line, checkpoint and tokenizer loading (model.py reads the files),
+reports, dry run (model.py counts the bytes), main.
 """
 import json
 import logging
@@ -30,27 +37,154 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (main's handlers come later)
+
+def exit_quietly_on_ctrl_c():
+    """Ctrl-C while torch loads: one line, no traceback, exit 130 (until __main__ restores KeyboardInterrupt)."""
     signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
+
+
+if __name__ == "__main__":
+    exit_quietly_on_ctrl_c()
 
 import torch
 from safetensors import SafetensorError
 
 from model import (FIM_NAMES, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, setup_cache,
                    tokenizer_ids, weight_bytes_per_rank)
-from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Parser, count, decode, die, encode, fim_prompt,
-                   human_bytes, init_distributed, leave_distributed, nonneg, number, one_line, pick_device,
-                   positive_int, seed_number, thread_count)
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Parser, count, decode, die, encode, fim_prompt, human_bytes,
+                   init_distributed, leave_distributed, nonneg, number, one_line, pick_device, positive_int,
+                   seed_number, thread_count)
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
+
+# ==============================================================================================
+# Part 1: the recipe
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Prompts: text, token ids, or a fill-in-the-middle (§4.1, PSM: begin prefix hole suffix end)
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
+
+
+def prompt_ids(a, vocab, vocab_size):
+    """-> (ids, text to echo): given ids, a FIM prompt in PSM order (echo the text before the
+    hole), or text; the begin token first where the tokenizer's config asks for it."""
+    if a.prompt_ids is not None:
+        ids = given_ids(a.prompt_ids, vocab_size)
+        return ids, vocab.decode(ids) if vocab.decode else ""
+    if vocab.encode is None:
+        die(vocab.why)
+    start = [] if vocab.bos is None else [vocab.bos]
+    if a.fim:
+        if vocab.fim is None:
+            die(f"--fim-prefix/--fim-suffix: the tokenizer of {a.ckpt} has no FIM tokens "
+                f"({', '.join(FIM_NAMES[0])}); complete a --prompt instead")
+        return start + fim_prompt(a.fim_prefix or "", a.fim_suffix or "", vocab.plain, vocab.fim), a.fim_prefix or ""
+    text = prompt_text(a)
+    ids = vocab.encode(text)
+    return ids if ids[:len(start)] == start else start + ids, text
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation, streamed as it is written
+
+class Printer:
+    """Streams generated text. Each call decodes the ids since the last clean cut and prints what
+    is new, holding back a trailing U+FFFD: the bytes of one character can arrive in different
+    steps (the usual incremental detokenization; decoding from one token back keeps the
+    spaces that some tokenizers attach to a token's start)."""
+
+    def __init__(self, decode):
+        self.decode, self.start, self.read, self.last = decode, 0, 0, "\n"
+
+    def write(self, text):
+        if text:
+            print(text, end="", flush=True)
+            self.last = text[-1]
+
+    def __call__(self, ids, final=False):
+        seen, text = self.decode(ids[self.start:self.read]), self.decode(ids[self.start:])
+        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
+            self.write(text[len(seen):])
+            self.start, self.read = self.read, len(ids)
+
+
+@torch.inference_mode()
+def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None, end=()):
+    """-> (new ids, prefill seconds, decode seconds, stats). Generation stops after max_new_tokens
+    or at the first token in `end`, the last new id then (show() sees the ids before it). The
+    prefill ends at generate's first callback (the prompt's forward and the first new token);
+    the decode is the rest."""
+    marks, stats, T0 = [], {}, len(ids)
+    end_ids = torch.tensor(end, dtype=torch.long, device=a.device)
+
+    def first_end(new):  # new ids (n,) -> the index of the first end token, or n
+        hit = torch.isin(new, end_ids).nonzero()
+        return int(hit[0]) if len(hit) else len(new)
+
+    def callback(out, lengths):
+        if not marks:
+            synchronize(a.device)
+            marks.append(time.perf_counter())
+        if show is not None:
+            new = out[0, T0:int(lengths[0])]
+            show(new[:first_end(new)].tolist())
+
+    tokens = torch.tensor([ids], device=a.device)
+    synchronize(a.device)
+    t0 = time.perf_counter()
+    new = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative, top_k=a.top_k,
+                         callback=callback, stats=stats, compile=a.compile, stop_tokens=end)[0, T0:]
+    synchronize(a.device)
+    new = new[:first_end(new) + 1].tolist()  # through the end token, if any
+    return new, marks[0] - t0, time.perf_counter() - marks[0], stats
+
+
+def complete(model, ids, echo, vocab, a):
+    """Print the prompt's text, then the new text as it is written (after a FIM middle, the text
+    after the hole) -> the speed line's fields."""
+    printer = Printer(vocab.decode or (lambda ids: ",".join(map(str, ids))))
+    printer.write(echo)
+    new, prefill_s, decode_s, stats = timed_generate(model, ids, a, a.max_new_tokens, a.temperature,
+                                                     a.speculative, show=printer, end=vocab.end)
+    printer(new[:-1] if new[-1] in vocab.end else new, final=True)
+    if a.fim:
+        printer.write(a.fim_suffix or "")
+    if printer.last != "\n":
+        printer.write("\n")
+    line = [f"prompt {len(ids)} tokens", f"new {len(new)} tokens", f"prefill {rate(len(ids), prefill_s)}",
+            f"decode {rate(len(new) - 1, decode_s)}"]
+    return line + ([f"MTP acceptance {acceptance(stats)}"] if a.speculative else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark: plain against MTP speculative greedy decoding (§2.2), the same tokens expected
+
+def bench(model, ids, a):
+    """Plain and speculative greedy decoding of the same prompt after one short warm-up each (which
+    compiles, with --compile: the cache has its final size first, so the timed runs reuse the graphs)."""
+    setup_cache(model, 1, len(ids) + a.max_new_tokens + 1)
+    t0 = time.perf_counter()
+    for spec in (False, True):
+        timed_generate(model, ids, a, min(a.max_new_tokens, 16), 0.0, spec)
+    warmup = time.perf_counter() - t0
+    runs, speed = {}, {}
+    for _ in range(3):  # alternate the two, keep the median of 3 (machines drift between runs)
+        for name, spec in (("plain", False), ("speculative", True)):
+            runs[name] = timed_generate(model, ids, a, a.max_new_tokens, 0.0, spec)
+            speed.setdefault(name, []).append((a.max_new_tokens - 1) / runs[name][2])
+    speed = {name: sorted(s)[1] for name, s in speed.items()}
+    print_bench(ids, a, warmup, runs, speed)
+
+
+# ==============================================================================================
+# Part 2: the harness
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Command line, and the prompt flags' checks
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fim_end|>
-
-
-# -------------------------------------------------------------------------- command line
 probability = number(float, 0, 1, strict=True)
 
 
@@ -104,7 +238,40 @@ def parse_args(argv=None):
     return a
 
 
-# -------------------------------------------------------------------------- checkpoint, tokenizer, prompt
+def given_ids(text, vocab_size):
+    """--prompt-ids -> the ids, each a token of this checkpoint."""
+    try:
+        ids = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        die(f"--prompt-ids {text!r}: expected comma-separated integers, e.g. 100,2,35")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        die(f"--prompt-ids: {bad[0]} is not a token id of this checkpoint (0 to {vocab_size - 1})")
+    if not ids:
+        die("--prompt-ids is empty; give at least one token id")
+    return ids
+
+
+def prompt_text(a):
+    """--prompt, the text of --prompt-file, or DEFAULT_PROMPT; never empty."""
+    text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
+    if a.prompt_file is not None:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"--prompt-file {a.prompt_file}: {getattr(e, 'strerror', None) or e}; give a readable UTF-8 text file")
+    if not text:
+        die("the prompt is empty; give some text with --prompt or --prompt-file")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint and tokenizer loading (model.py reads the files: CheckpointError -> one line)
+
+BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fim_end|>
+
+
 def load_model(a, rank=0, world=1):
     try:
         return Transformer.from_pretrained(a.ckpt, device=a.device, dtype=DTYPES[a.dtype], rank=rank, world_size=world)
@@ -163,97 +330,12 @@ def side_ids(ckpt, token_id, vocab_size):
         die(one_line(e))
 
 
-def prompt_ids(a, vocab, vocab_size):
-    """-> (ids, text to echo): given ids, a FIM prompt in PSM order (echo the text before the
-    hole), or text; the begin token first where the tokenizer's config asks for it."""
-    if a.prompt_ids is not None:
-        try:
-            ids = [int(s) for s in a.prompt_ids.split(",") if s.strip()]
-        except ValueError:
-            die(f"--prompt-ids {a.prompt_ids!r}: expected comma-separated integers, e.g. 100,2,35")
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            die(f"--prompt-ids: {bad[0]} is not a token id of this checkpoint (0 to {vocab_size - 1})")
-        if not ids:
-            die("--prompt-ids is empty; give at least one token id")
-        return ids, vocab.decode(ids) if vocab.decode else ""
-    if vocab.encode is None:
-        die(vocab.why)
-    start = [] if vocab.bos is None else [vocab.bos]
-    if a.fim:
-        if vocab.fim is None:
-            die(f"--fim-prefix/--fim-suffix: the tokenizer of {a.ckpt} has no FIM tokens "
-                f"({', '.join(FIM_NAMES[0])}); complete a --prompt instead")
-        return start + fim_prompt(a.fim_prefix or "", a.fim_suffix or "", vocab.plain, vocab.fim), a.fim_prefix or ""
-    text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
-    if a.prompt_file is not None:
-        try:
-            with open(a.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            die(f"--prompt-file {a.prompt_file}: {getattr(e, 'strerror', None) or e}; give a readable UTF-8 text file")
-    if not text:
-        die("the prompt is empty; give some text with --prompt or --prompt-file")
-    ids = vocab.encode(text)
-    return ids if ids[:len(start)] == start else start + ids, text
-
-
-# -------------------------------------------------------------------------- streaming, timing
-class Printer:
-    """Streams generated text. Each call decodes the ids since the last clean cut and prints what
-    is new, holding back a trailing U+FFFD: the bytes of one character can arrive in different
-    steps (the usual incremental detokenization; decoding from one token back keeps the
-    spaces that some tokenizers attach to a token's start)."""
-
-    def __init__(self, decode):
-        self.decode, self.start, self.read, self.last = decode, 0, 0, "\n"
-
-    def write(self, text):
-        if text:
-            print(text, end="", flush=True)
-            self.last = text[-1]
-
-    def __call__(self, ids, final=False):
-        seen, text = self.decode(ids[self.start:self.read]), self.decode(ids[self.start:])
-        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
-            self.write(text[len(seen):])
-            self.start, self.read = self.read, len(ids)
-
+# ----------------------------------------------------------------------------------------------
+# Reports: device timing, the speed line's numbers, the benchmark's table
 
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None, end=()):
-    """-> (new ids, prefill seconds, decode seconds, stats). Generation stops after max_new_tokens
-    or at the first token in `end`, the last new id then (show() sees the ids before it). The
-    prefill ends at generate's first callback (the prompt's forward and the first new token);
-    the decode is the rest."""
-    marks, stats, T0 = [], {}, len(ids)
-    end_ids = torch.tensor(end, dtype=torch.long, device=a.device)
-
-    def first_end(new):  # new ids (n,) -> the index of the first end token, or n
-        hit = torch.isin(new, end_ids).nonzero()
-        return int(hit[0]) if len(hit) else len(new)
-
-    def callback(out, lengths):
-        if not marks:
-            synchronize(a.device)
-            marks.append(time.perf_counter())
-        if show is not None:
-            new = out[0, T0:int(lengths[0])]
-            show(new[:first_end(new)].tolist())
-
-    tokens = torch.tensor([ids], device=a.device)
-    synchronize(a.device)
-    t0 = time.perf_counter()
-    new = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative, top_k=a.top_k,
-                         callback=callback, stats=stats, compile=a.compile, stop_tokens=end)[0, T0:]
-    synchronize(a.device)
-    new = new[:first_end(new) + 1].tolist()  # through the end token, if any
-    return new, marks[0] - t0, time.perf_counter() - marks[0], stats
 
 
 def rate(n, seconds):
@@ -264,31 +346,7 @@ def acceptance(stats):  # n/a where generation ended before a draft
     return f"{stats['accepted'] / stats['drafted']:.1%}" if stats.get("drafted") else "n/a"
 
 
-def peak_memory(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB CUDA allocated"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return "n/a"
-    kib = 1 / 1024 if sys.platform == "darwin" else 1  # ru_maxrss is in bytes on macOS, KiB on Linux
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024:,.0f} MiB peak RSS"
-
-
-def bench(model, ids, a):
-    """Plain and speculative greedy decoding of the same prompt after one short warm-up each (which
-    compiles, with --compile: the cache has its final size first, so the timed runs reuse the graphs)."""
-    setup_cache(model, 1, len(ids) + a.max_new_tokens + 1)
-    t0 = time.perf_counter()
-    for spec in (False, True):
-        timed_generate(model, ids, a, min(a.max_new_tokens, 16), 0.0, spec)
-    warmup = time.perf_counter() - t0
-    runs, speed = {}, {}
-    for _ in range(3):  # alternate the two, keep the median of 3 (machines drift between runs)
-        for name, spec in (("plain", False), ("speculative", True)):
-            runs[name] = timed_generate(model, ids, a, a.max_new_tokens, 0.0, spec)
-            speed.setdefault(name, []).append((a.max_new_tokens - 1) / runs[name][2])
-    speed = {name: sorted(s)[1] for name, s in speed.items()}
+def print_bench(ids, a, warmup, runs, speed):
     print(f"bench: {a.device} {a.dtype}, {torch.get_num_threads()} thread(s), batch 1, prompt {len(ids)} tokens, "
           f"{a.max_new_tokens} new tokens, greedy, {'compiled' if a.compile else 'eager'} "
           f"(warm-up{' and compilation' if a.compile else ''} {warmup:.1f} s), median of 3 runs")
@@ -304,6 +362,20 @@ def bench(model, ids, a):
         print(f"outputs identical: NO, they differ from new token {first} on (near-tied logits "
               f"in {a.dtype} can flip an argmax; in float32 this is a bug)")
 
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB CUDA allocated"
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "n/a"
+    kib = 1 / 1024 if sys.platform == "darwin" else 1  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024:,.0f} MiB peak RSS"
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run: the memory per rank of serving a checkpoint, from its config alone
 
 def dry_run(a):
     """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone (--ckpt
@@ -332,7 +404,9 @@ def dry_run(a):
           "and the CUDA context not counted")
 
 
-# -------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------------
+# main: load, check the prompt against the context, generate or benchmark, report
+
 def main(argv=None):
     a = parse_args(argv)
     if a.dry_run:
@@ -363,26 +437,14 @@ def main(argv=None):
             die("--bench times the tokens after the first; use --max-new-tokens 2 or more")
         bench(model, ids, a)
         return leave_distributed(world)
-
-    printer = Printer(vocab.decode or (lambda ids: ",".join(map(str, ids))))
-    printer.write(echo)
-    new, prefill_s, decode_s, stats = timed_generate(model, ids, a, a.max_new_tokens, a.temperature,
-                                                     a.speculative, show=printer, end=vocab.end)
-    printer(new[:-1] if new[-1] in vocab.end else new, final=True)
-    if a.fim:
-        printer.write(a.fim_suffix or "")
-    if printer.last != "\n":
-        printer.write("\n")
-    line = [f"prompt {len(ids)} tokens", f"new {len(new)} tokens", f"prefill {rate(len(ids), prefill_s)}",
-            f"decode {rate(len(new) - 1, decode_s)}"]
-    if a.speculative:
-        line.append(f"MTP acceptance {acceptance(stats)}")
+    line = complete(model, ids, echo, vocab, a)
     if rank == 0:
         print(" | ".join(line + [peak_memory(a.device)]), file=sys.stderr)
     leave_distributed(world)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
     try:
         main()
     except KeyboardInterrupt:
