@@ -20,37 +20,171 @@ folder's tokenizer.json when there is one (needs `pip install tokenizers`), with
 and the begin and end tokens that tokenizer_config.json, generation_config.json or config.json
 name; generation ends at the end token (ours: <|endoftext|>). --prompt-ids takes token ids and
 works with any checkpoint. The text goes to stdout, the speed line to stderr.
+
+Part 1, the recipe:
+    prompt_ids ........... text, token ids, or a fill-in-the-middle prompt in PSM order (§4.1)
+    complete ............. the generation call, streamed as it is written (Printer), timed
+    bench ................ plain vs MTP speculative greedy decoding (§2.2): tokens/s, acceptance
+Part 2, the harness: command line, checkpoint and tokenizer loading (model.py reads the files),
+reports, dry run (model.py counts the bytes), main.
 """
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: one line, no traceback (main's handlers come later)
+
+def exit_quietly_on_ctrl_c():
+    """Ctrl-C while torch loads: one line, no traceback, exit 130 (until __main__ restores KeyboardInterrupt)."""
     signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
+
+
+if __name__ == "__main__":
+    exit_quietly_on_ctrl_c()
 
 import torch
 from safetensors import SafetensorError
 
-from model import PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, meta_model, setup_cache
-from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, SPECIALS, Parser, count, decode, die, encode, fim_prompt,
-                   human_bytes, init_distributed, leave_distributed, nonneg, number, one_line, pick_device,
-                   positive_int, seed_number, thread_count)
+from model import (FIM_NAMES, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, setup_cache,
+                   tokenizer_ids, weight_bytes_per_rank)
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Parser, count, decode, die, encode, fim_prompt, human_bytes,
+                   init_distributed, leave_distributed, nonneg, number, one_line, pick_device, positive_int,
+                   seed_number, thread_count)
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
+
+# ==============================================================================================
+# Part 1: the recipe
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Prompts: text, token ids, or a fill-in-the-middle (§4.1, PSM: begin prefix hole suffix end)
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
+
+
+def prompt_ids(a, vocab, vocab_size):
+    """-> (ids, text to echo): given ids, a FIM prompt in PSM order (echo the text before the
+    hole), or text; the begin token first where the tokenizer's config asks for it."""
+    if a.prompt_ids is not None:
+        ids = given_ids(a.prompt_ids, vocab_size)
+        return ids, vocab.decode(ids) if vocab.decode else ""
+    if vocab.encode is None:
+        die(vocab.why)
+    start = [] if vocab.bos is None else [vocab.bos]
+    if a.fim:
+        if vocab.fim is None:
+            die(f"--fim-prefix/--fim-suffix: the tokenizer of {a.ckpt} has no FIM tokens "
+                f"({', '.join(FIM_NAMES[0])}); complete a --prompt instead")
+        return start + fim_prompt(a.fim_prefix or "", a.fim_suffix or "", vocab.plain, vocab.fim), a.fim_prefix or ""
+    text = prompt_text(a)
+    ids = vocab.encode(text)
+    return ids if ids[:len(start)] == start else start + ids, text
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation, streamed as it is written
+
+class Printer:
+    """Streams generated text. Each call decodes the ids since the last clean cut and prints what
+    is new, holding back a trailing U+FFFD: the bytes of one character can arrive in different
+    steps (the usual incremental detokenization; decoding from one token back keeps the
+    spaces that some tokenizers attach to a token's start)."""
+
+    def __init__(self, decode):
+        self.decode, self.start, self.read, self.last = decode, 0, 0, "\n"
+
+    def write(self, text):
+        if text:
+            print(text, end="", flush=True)
+            self.last = text[-1]
+
+    def __call__(self, ids, final=False):
+        seen, text = self.decode(ids[self.start:self.read]), self.decode(ids[self.start:])
+        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
+            self.write(text[len(seen):])
+            self.start, self.read = self.read, len(ids)
+
+
+@torch.inference_mode()
+def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None, end=()):
+    """-> (new ids, prefill seconds, decode seconds, stats). Generation stops after max_new_tokens
+    or at the first token in `end`, the last new id then (show() sees the ids before it). The
+    prefill ends at generate's first callback (the prompt's forward and the first new token);
+    the decode is the rest."""
+    marks, stats, T0 = [], {}, len(ids)
+    end_ids = torch.tensor(end, dtype=torch.long, device=a.device)
+
+    def first_end(new):  # new ids (n,) -> the index of the first end token, or n
+        hit = torch.isin(new, end_ids).nonzero()
+        return int(hit[0]) if len(hit) else len(new)
+
+    def callback(out, lengths):
+        if not marks:
+            synchronize(a.device)
+            marks.append(time.perf_counter())
+        if show is not None:
+            new = out[0, T0:int(lengths[0])]
+            show(new[:first_end(new)].tolist())
+
+    tokens = torch.tensor([ids], device=a.device)
+    synchronize(a.device)
+    t0 = time.perf_counter()
+    new = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative, top_k=a.top_k,
+                         callback=callback, stats=stats, compile=a.compile, stop_tokens=end)[0, T0:]
+    synchronize(a.device)
+    new = new[:first_end(new) + 1].tolist()  # through the end token, if any
+    return new, marks[0] - t0, time.perf_counter() - marks[0], stats
+
+
+def complete(model, ids, echo, vocab, a):
+    """Print the prompt's text, then the new text as it is written (after a FIM middle, the text
+    after the hole) -> the speed line's fields."""
+    printer = Printer(vocab.decode or (lambda ids: ",".join(map(str, ids))))
+    printer.write(echo)
+    new, prefill_s, decode_s, stats = timed_generate(model, ids, a, a.max_new_tokens, a.temperature,
+                                                     a.speculative, show=printer, end=vocab.end)
+    printer(new[:-1] if new[-1] in vocab.end else new, final=True)
+    if a.fim:
+        printer.write(a.fim_suffix or "")
+    if printer.last != "\n":
+        printer.write("\n")
+    line = [f"prompt {len(ids)} tokens", f"new {len(new)} tokens", f"prefill {rate(len(ids), prefill_s)}",
+            f"decode {rate(len(new) - 1, decode_s)}"]
+    return line + ([f"MTP acceptance {acceptance(stats)}"] if a.speculative else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark: plain against MTP speculative greedy decoding (§2.2), the same tokens expected
+
+def bench(model, ids, a):
+    """Plain and speculative greedy decoding of the same prompt after one short warm-up each (which
+    compiles, with --compile: the cache has its final size first, so the timed runs reuse the graphs)."""
+    setup_cache(model, 1, len(ids) + a.max_new_tokens + 1)
+    t0 = time.perf_counter()
+    for spec in (False, True):
+        timed_generate(model, ids, a, min(a.max_new_tokens, 16), 0.0, spec)
+    warmup = time.perf_counter() - t0
+    runs, speed = {}, {}
+    for _ in range(3):  # alternate the two, keep the median of 3 (machines drift between runs)
+        for name, spec in (("plain", False), ("speculative", True)):
+            runs[name] = timed_generate(model, ids, a, a.max_new_tokens, 0.0, spec)
+            speed.setdefault(name, []).append((a.max_new_tokens - 1) / runs[name][2])
+    speed = {name: sorted(s)[1] for name, s in speed.items()}
+    print_bench(ids, a, warmup, runs, speed)
+
+
+# ==============================================================================================
+# Part 2: the harness
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Command line, and the prompt flags' checks
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fim_end|>
-
-
-# -------------------------------------------------------------------------- command line
 probability = number(float, 0, 1, strict=True)
 
 
@@ -104,7 +238,40 @@ def parse_args(argv=None):
     return a
 
 
-# -------------------------------------------------------------------------- checkpoint, tokenizer, prompt
+def given_ids(text, vocab_size):
+    """--prompt-ids -> the ids, each a token of this checkpoint."""
+    try:
+        ids = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        die(f"--prompt-ids {text!r}: expected comma-separated integers, e.g. 100,2,35")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        die(f"--prompt-ids: {bad[0]} is not a token id of this checkpoint (0 to {vocab_size - 1})")
+    if not ids:
+        die("--prompt-ids is empty; give at least one token id")
+    return ids
+
+
+def prompt_text(a):
+    """--prompt, the text of --prompt-file, or DEFAULT_PROMPT; never empty."""
+    text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
+    if a.prompt_file is not None:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"--prompt-file {a.prompt_file}: {getattr(e, 'strerror', None) or e}; give a readable UTF-8 text file")
+    if not text:
+        die("the prompt is empty; give some text with --prompt or --prompt-file")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint and tokenizer loading (model.py reads the files: CheckpointError -> one line)
+
+BYTE_VOCAB = 260  # 256 bytes + <|endoftext|>, <|fim_begin|>, <|fim_hole|>, <|fim_end|>
+
+
 def load_model(a, rank=0, world=1):
     try:
         return Transformer.from_pretrained(a.ckpt, device=a.device, dtype=DTYPES[a.dtype], rank=rank, world_size=world)
@@ -113,12 +280,6 @@ def load_model(a, rank=0, world=1):
     except (SafetensorError, OSError, ValueError, KeyError) as e:  # e.g. a torn index or tensor data
         die(f"cannot load the checkpoint in {a.ckpt}: {one_line(e)}; "
             "re-save it or point --ckpt at another folder")
-
-
-# The PSM tokens (§4.1) by name: DeepSeek-V3's tokenizer.json (full-width bars, U+2581 for the
-# space), then our byte tokenizer's names, which a tokenizer.json trained for this repo would use.
-FIM_NAMES = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
-             tuple(SPECIALS[i] for i in (FIM_BEGIN, FIM_HOLE, FIM_END))]
 
 
 @dataclass
@@ -137,41 +298,6 @@ class Vocab:
 BYTES = Vocab(encode, decode, encode, end=(EOT,), fim=(FIM_BEGIN, FIM_HOLE, FIM_END))  # train.py's
 
 
-def read_json(path):
-    if not os.path.exists(path):
-        return {}
-    if not os.path.isfile(path):  # a FIFO would block the read
-        die(f"{path} is not a regular file; replace or remove it")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        die(f"cannot read {path}: {one_line(e)}; fix or remove it")
-    return config if isinstance(config, dict) else {}
-
-
-def special_ids(ckpt, token_id, vocab_size):
-    """-> (begin id to put before prompts or None, end ids). Each from the first file that names
-    it: generation_config.json, then config.json (ids; eos may be a list), as Hugging Face's
-    generate() reads them, then tokenizer_config.json (a token as a string or {"content": ...},
-    looked up with token_id, None without a tokenizer). The begin id only where
-    tokenizer_config.json sets add_bos_token. Ids outside the vocabulary are dropped."""
-    generation, config, tokenizer = (read_json(os.path.join(ckpt, name)) for name in
-                                     ("generation_config.json", "config.json", "tokenizer_config.json"))
-
-    def ids(kind):
-        key = f"{kind}_token_id"
-        named = next((c[key] for c in (generation, config) if c.get(key) is not None), None)
-        if named is None and token_id is not None:
-            token = tokenizer.get(f"{kind}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            named = token_id(token) if isinstance(token, str) else None
-        return [i for i in (named if isinstance(named, list) else [named]) if type(i) is int and 0 <= i < vocab_size]
-
-    bos = ids("bos")
-    return (bos[0] if bos and tokenizer.get("add_bos_token") is True else None), tuple(ids("eos"))
-
-
 def load_tokenizer(ckpt, vocab_size):
     """-> Vocab: the folder's tokenizer.json with the special ids its configs name, or our byte
     tokenizer for a checkpoint of its vocabulary without one."""
@@ -179,116 +305,37 @@ def load_tokenizer(ckpt, vocab_size):
     if not os.path.exists(path):
         if vocab_size == BYTE_VOCAB:
             return BYTES
-        return Vocab(end=special_ids(ckpt, None, vocab_size)[1], why=(
+        return Vocab(end=side_ids(ckpt, None, vocab_size)[1], why=(
             f"{ckpt} has no tokenizer.json and a vocabulary of {vocab_size}, not the byte tokenizer's "
             f"{BYTE_VOCAB}; add the checkpoint's tokenizer.json or pass --prompt-ids"))
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        return Vocab(end=special_ids(ckpt, None, vocab_size)[1],
+        return Vocab(end=side_ids(ckpt, None, vocab_size)[1],
                      why=f"{path} needs the tokenizers package: pip install tokenizers (or pass --prompt-ids)")
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # the package raises plain Exceptions for malformed files
         die(f"cannot read {path}: {one_line(e)}; replace it or pass --prompt-ids")
-    bos, end = special_ids(ckpt, tok.token_to_id, vocab_size)
-    fims = [tuple(map(tok.token_to_id, names)) for names in FIM_NAMES]
     return Vocab(lambda text: tok.encode(text).ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
-                 lambda text: tok.encode(text, add_special_tokens=False).ids, bos, end,
-                 next((f for f in fims if all(i is not None and i < vocab_size for i in f)), None))
+                 lambda text: tok.encode(text, add_special_tokens=False).ids,
+                 *side_ids(ckpt, tok.token_to_id, vocab_size))
 
 
-def prompt_ids(a, vocab, vocab_size):
-    """-> (ids, text to echo): given ids, a FIM prompt in PSM order (echo the text before the
-    hole), or text; the begin token first where the tokenizer's config asks for it."""
-    if a.prompt_ids is not None:
-        try:
-            ids = [int(s) for s in a.prompt_ids.split(",") if s.strip()]
-        except ValueError:
-            die(f"--prompt-ids {a.prompt_ids!r}: expected comma-separated integers, e.g. 100,2,35")
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            die(f"--prompt-ids: {bad[0]} is not a token id of this checkpoint (0 to {vocab_size - 1})")
-        if not ids:
-            die("--prompt-ids is empty; give at least one token id")
-        return ids, vocab.decode(ids) if vocab.decode else ""
-    if vocab.encode is None:
-        die(vocab.why)
-    start = [] if vocab.bos is None else [vocab.bos]
-    if a.fim:
-        if vocab.fim is None:
-            die(f"--fim-prefix/--fim-suffix: the tokenizer of {a.ckpt} has no FIM tokens "
-                f"({', '.join(FIM_NAMES[0])}); complete a --prompt instead")
-        return start + fim_prompt(a.fim_prefix or "", a.fim_suffix or "", vocab.plain, vocab.fim), a.fim_prefix or ""
-    text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
-    if a.prompt_file is not None:
-        try:
-            with open(a.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            die(f"--prompt-file {a.prompt_file}: {getattr(e, 'strerror', None) or e}; give a readable UTF-8 text file")
-    if not text:
-        die("the prompt is empty; give some text with --prompt or --prompt-file")
-    ids = vocab.encode(text)
-    return ids if ids[:len(start)] == start else start + ids, text
+def side_ids(ckpt, token_id, vocab_size):
+    """-> (begin id or None, end ids, FIM ids or None) that the folder's side files name (model.py)."""
+    try:
+        return tokenizer_ids(ckpt, token_id, vocab_size)
+    except CheckpointError as e:
+        die(one_line(e))
 
 
-# -------------------------------------------------------------------------- streaming, timing
-class Printer:
-    """Streams generated text. Each call decodes the ids since the last clean cut and prints what
-    is new, holding back a trailing U+FFFD: the bytes of one character can arrive in different
-    steps (the usual incremental detokenization; decoding from one token back keeps the
-    spaces that some tokenizers attach to a token's start)."""
-
-    def __init__(self, decode):
-        self.decode, self.start, self.read, self.last = decode, 0, 0, "\n"
-
-    def write(self, text):
-        if text:
-            print(text, end="", flush=True)
-            self.last = text[-1]
-
-    def __call__(self, ids, final=False):
-        seen, text = self.decode(ids[self.start:self.read]), self.decode(ids[self.start:])
-        if len(text) > len(seen) and (final or not text.endswith("\ufffd")):
-            self.write(text[len(seen):])
-            self.start, self.read = self.read, len(ids)
-
+# ----------------------------------------------------------------------------------------------
+# Reports: device timing, the speed line's numbers, the benchmark's table
 
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def timed_generate(model, ids, a, max_new_tokens, temperature, speculative, show=None, end=()):
-    """-> (new ids, prefill seconds, decode seconds, stats). Generation stops after max_new_tokens
-    or at the first token in `end`, the last new id then (show() sees the ids before it). The
-    prefill ends at generate's first callback (the prompt's forward and the first new token);
-    the decode is the rest."""
-    marks, stats, T0 = [], {}, len(ids)
-    end_ids = torch.tensor(end, dtype=torch.long, device=a.device)
-
-    def first_end(new):  # new ids (n,) -> the index of the first end token, or n
-        hit = torch.isin(new, end_ids).nonzero()
-        return int(hit[0]) if len(hit) else len(new)
-
-    def callback(out, lengths):
-        if not marks:
-            synchronize(a.device)
-            marks.append(time.perf_counter())
-        if show is not None:
-            new = out[0, T0:int(lengths[0])]
-            show(new[:first_end(new)].tolist())
-
-    tokens = torch.tensor([ids], device=a.device)
-    synchronize(a.device)
-    t0 = time.perf_counter()
-    new = model.generate(tokens, max_new_tokens, temperature, a.top_p, speculative=speculative, top_k=a.top_k,
-                         callback=callback, stats=stats, compile=a.compile, stop_tokens=end)[0, T0:]
-    synchronize(a.device)
-    new = new[:first_end(new) + 1].tolist()  # through the end token, if any
-    return new, marks[0] - t0, time.perf_counter() - marks[0], stats
 
 
 def rate(n, seconds):
@@ -299,31 +346,7 @@ def acceptance(stats):  # n/a where generation ended before a draft
     return f"{stats['accepted'] / stats['drafted']:.1%}" if stats.get("drafted") else "n/a"
 
 
-def peak_memory(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB CUDA allocated"
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return "n/a"
-    kib = 1 / 1024 if sys.platform == "darwin" else 1  # ru_maxrss is in bytes on macOS, KiB on Linux
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024:,.0f} MiB peak RSS"
-
-
-def bench(model, ids, a):
-    """Plain and speculative greedy decoding of the same prompt after one short warm-up each (which
-    compiles, with --compile: the cache has its final size first, so the timed runs reuse the graphs)."""
-    setup_cache(model, 1, len(ids) + a.max_new_tokens + 1)
-    t0 = time.perf_counter()
-    for spec in (False, True):
-        timed_generate(model, ids, a, min(a.max_new_tokens, 16), 0.0, spec)
-    warmup = time.perf_counter() - t0
-    runs, speed = {}, {}
-    for _ in range(3):  # alternate the two, keep the median of 3 (machines drift between runs)
-        for name, spec in (("plain", False), ("speculative", True)):
-            runs[name] = timed_generate(model, ids, a, a.max_new_tokens, 0.0, spec)
-            speed.setdefault(name, []).append((a.max_new_tokens - 1) / runs[name][2])
-    speed = {name: sorted(s)[1] for name, s in speed.items()}
+def print_bench(ids, a, warmup, runs, speed):
     print(f"bench: {a.device} {a.dtype}, {torch.get_num_threads()} thread(s), batch 1, prompt {len(ids)} tokens, "
           f"{a.max_new_tokens} new tokens, greedy, {'compiled' if a.compile else 'eager'} "
           f"(warm-up{' and compilation' if a.compile else ''} {warmup:.1f} s), median of 3 runs")
@@ -340,26 +363,35 @@ def bench(model, ids, a):
               f"in {a.dtype} can flip an argmax; in float32 this is a bug)")
 
 
-def dry_run(a):
-    """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone: the
-    model is built on the meta device with this rank's shapes (all ranks hold equal shares)."""
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB CUDA allocated"
     try:
+        import resource  # Unix only
+    except ImportError:
+        return "n/a"
+    kib = 1 / 1024 if sys.platform == "darwin" else 1  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024:,.0f} MiB peak RSS"
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run: the memory per rank of serving a checkpoint, from its config alone
+
+def dry_run(a):
+    """Memory per rank of serving a checkpoint over a.dry_run ranks, from its config alone (--ckpt
+    a folder, its config.json or a preset); the weights as model.py's weight_bytes_per_rank counts them."""
+    try:
+        config = a.ckpt if os.path.isfile(a.ckpt) else os.path.join(a.ckpt, "config.json")  # a folder or its config
         args = (ModelArgs.from_preset(a.ckpt) if a.ckpt in PRESETS and not os.path.isdir(a.ckpt) else
-                ModelArgs.from_hf_config(json.loads(open(os.path.join(a.ckpt, "config.json")).read())))
+                ModelArgs.from_hf_config(json.loads(open(config).read())))
     except (OSError, ValueError, RecursionError) as e:
         die(f"--dry-run: cannot read the config of {a.ckpt}: {one_line(e)}; give a checkpoint "
-            f"folder or a preset ({', '.join(PRESETS)})")
+            f"folder, its config.json or a preset ({', '.join(PRESETS)})")
     try:
-        model = meta_model(args, 0, a.dry_run, DTYPES[a.dtype])  # fp8: FP8 projections, the rest bfloat16
+        parts = weight_bytes_per_rank(args, a.dry_run, DTYPES[a.dtype])  # fp8: FP8 projections, the rest bfloat16
     except ValueError as e:
         die(f"--dry-run {a.dry_run}: {e}")
-    compute = 4 if a.dtype == "float32" else 2
-    parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
-    split = re.compile(r"\.(wq|wq_b|wkv_b|wo|w1|w2|w3)\.|^head\.")
-    for name, p in model.named_parameters():
-        b = p.numel() * p.element_size()
-        parts[list(parts)[0 if ".experts." in name else 1 if split.search(name) else 2]] += b
-    kv = kv_bytes_per_token(args, compute)
+    kv = kv_bytes_per_token(args, 4 if a.dtype == "float32" else 2)
     weights = sum(parts.values())
     print(f"{a.ckpt} on {a.dry_run} rank(s), {a.dtype} weights"
           f"{' (128x128 float32 block scales, bfloat16 for embedding, head, norms, router)' if a.dtype == 'fp8' else ''}")
@@ -372,7 +404,9 @@ def dry_run(a):
           "and the CUDA context not counted")
 
 
-# -------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------------
+# main: load, check the prompt against the context, generate or benchmark, report
+
 def main(argv=None):
     a = parse_args(argv)
     if a.dry_run:
@@ -403,26 +437,14 @@ def main(argv=None):
             die("--bench times the tokens after the first; use --max-new-tokens 2 or more")
         bench(model, ids, a)
         return leave_distributed(world)
-
-    printer = Printer(vocab.decode or (lambda ids: ",".join(map(str, ids))))
-    printer.write(echo)
-    new, prefill_s, decode_s, stats = timed_generate(model, ids, a, a.max_new_tokens, a.temperature,
-                                                     a.speculative, show=printer, end=vocab.end)
-    printer(new[:-1] if new[-1] in vocab.end else new, final=True)
-    if a.fim:
-        printer.write(a.fim_suffix or "")
-    if printer.last != "\n":
-        printer.write("\n")
-    line = [f"prompt {len(ids)} tokens", f"new {len(new)} tokens", f"prefill {rate(len(ids), prefill_s)}",
-            f"decode {rate(len(new) - 1, decode_s)}"]
-    if a.speculative:
-        line.append(f"MTP acceptance {acceptance(stats)}")
+    line = complete(model, ids, echo, vocab, a)
     if rank == 0:
         print(" | ".join(line + [peak_memory(a.device)]), file=sys.stderr)
     leave_distributed(world)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
     try:
         main()
     except KeyboardInterrupt:

@@ -14,8 +14,9 @@ Part 2, the engineering, each section acting on the built model from outside:
     expert back-ends ..... one grouped or batched GEMM instead of part 1's loop over experts
     generation ........... latent KV cache, plain and MTP speculative decoding, sampling (§2.2, §5.4.3)
     parallelism .......... tensor-parallel attention and FFN, expert-parallel MoE (§3.4), applied by shard()
-    checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 with 128x128 block scales)
-    accounting ........... parameters, FLOPs and KV-cache bytes without allocating (meta device)
+    checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 with 128x128 block scales),
+                           the tokenizer's side files (begin, end and FIM token ids)
+    accounting ........... parameters, FLOPs, KV-cache and per-rank weight bytes without allocating (meta device)
 
 Shape letters: B batch, T query tokens, S cached keys, D model dim, H heads, C kv_lora_rank,
 R qk_rope_head_dim, E routed experts, K experts per token, N tokens (B*T), I expert width, V vocabulary.
@@ -1586,6 +1587,59 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
     return model.eval()
 
 
+# The tokenizer's side files: the ids that begin a prompt, end generation and frame a FIM prompt,
+# read as Hugging Face reads them. The PSM tokens (§4.1) by name: DeepSeek-V3's tokenizer.json
+# (full-width bars, U+2581 for the space), then our byte tokenizer's (train.py's SPECIALS, a test
+# holds them equal), which a tokenizer.json trained for this repo would use.
+FIM_NAMES = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+             ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>")]
+
+
+def read_json(path):
+    """A side file's JSON object; {} where the file is absent or holds no object."""
+    if not os.path.exists(path):
+        return {}
+    if not os.path.isfile(path):  # a FIFO would block the read
+        raise CheckpointError(f"{path} is not a regular file; replace or remove it")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}; fix or remove it") from None
+    return config if isinstance(config, dict) else {}
+
+
+def special_ids(ckpt, token_id, vocab_size):
+    """-> (begin id to put before prompts or None, end ids). Each from the first file that names
+    it: generation_config.json, then config.json (ids; eos may be a list), as Hugging Face's
+    generate() reads them, then tokenizer_config.json (a token as a string or {"content": ...},
+    looked up with token_id, None without a tokenizer). The begin id only where
+    tokenizer_config.json sets add_bos_token. Ids outside the vocabulary are dropped."""
+    generation, config, tokenizer = (read_json(os.path.join(ckpt, name)) for name in
+                                     ("generation_config.json", "config.json", "tokenizer_config.json"))
+
+    def ids(kind):
+        key = f"{kind}_token_id"
+        named = next((c[key] for c in (generation, config) if c.get(key) is not None), None)
+        if named is None and token_id is not None:
+            token = tokenizer.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            named = token_id(token) if isinstance(token, str) else None
+        return [i for i in (named if isinstance(named, list) else [named]) if type(i) is int and 0 <= i < vocab_size]
+
+    bos = ids("bos")
+    return (bos[0] if bos and tokenizer.get("add_bos_token") is True else None), tuple(ids("eos"))
+
+
+def tokenizer_ids(ckpt, token_id, vocab_size):
+    """-> (begin id or None, end ids, FIM (begin, hole, end) ids or None) of the tokenizer in the
+    folder ckpt: special_ids, and the first FIM_NAMES whose three tokens token_id (the
+    tokenizer.json's token -> id or None; None without one) finds in the vocabulary."""
+    bos, end = special_ids(ckpt, token_id, vocab_size)
+    fims = [tuple(map(token_id, names)) for names in FIM_NAMES] if token_id is not None else []
+    return bos, end, next((f for f in fims if all(i is not None and i < vocab_size for i in f)), None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Accounting (no allocation: the model is built on the meta device)
 
@@ -1625,6 +1679,19 @@ def kv_bytes_per_token(args, bytes_per_number=2):
     (speculative decoding runs them). V3 in BF16: 62 x 576 x 2 = 71,424 bytes (61 x 576 x 2 = 70,272
     for the main model alone)."""
     return (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * bytes_per_number
+
+
+def weight_bytes_per_rank(args, world_size=1, dtype=torch.float32):
+    """Bytes of weights that each of world_size serving ranks holds (all hold equal shares; see
+    shard), in three parts: its 1/world_size of the routed experts; its slice of the tensors that
+    tensor parallelism splits (NAMES' split dims: heads, FFN width, vocabulary); and the
+    replicated rest. dtype as in meta_model (float8_e4m3fn: FP8 projections with their scales)."""
+    model = meta_model(args, 0, world_size, dtype)
+    parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
+    for name, p in model.named_parameters():
+        part = 0 if ".experts." in name else 1 if split_dim(name, args.n_layers) is not None else 2
+        parts[list(parts)[part]] += p.numel() * p.element_size()
+    return parts
 
 
 def activation_bytes(args, batch_size, seq_len, autocast=True, attention="fused", expert_rows=1.0):

@@ -1455,6 +1455,15 @@ def test_checkpoint_tokenizer_json_is_used(capsys, tmp_path):
     assert int(SUMMARY.search(err)[1]) == len(tok.encode("def fib").ids)
 
 
+def test_tokenizer_json_with_the_byte_tokenizers_fim_names_frames_fim_prompts(tmp_path):
+    """model.py's FIM_NAMES spells train.py's SPECIALS a second time (model.py imports nothing
+    from train.py): a tokenizer.json holding those three tokens gets FIM prompts framed by them."""
+    tok = byte_bpe([train_module.SPECIALS[i] for i in (FIM_BEGIN, FIM_HOLE, FIM_END)])
+    path = save_tiny(tmp_path, vocab_size=tok.get_vocab_size())
+    tok.save(os.path.join(path, "tokenizer.json"))
+    assert infer.load_tokenizer(path, tok.get_vocab_size()).fim == (0, 1, 2)  # special tokens take the first ids
+
+
 # DeepSeek-V3's special tokens: full-width bars (U+FF5C) and U+2581 where a space would be
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
@@ -1986,6 +1995,38 @@ def test_dry_run_memory_per_rank_of_deepseek_v3_in_fp8(capsys):
     assert f"{(61 + 1) * 576 * 2:,} bytes per token" in out  # latent 512 + RoPE key 64, bf16, MTP layer too
     code, out, err = run_main(capsys, "--ckpt", "deepseek-v3", "--dry-run", "7")
     assert code != 0 and "does not split over 7 ranks" in err
+
+
+def test_dry_run_reads_a_config_json_file_as_the_readme_says(capsys, tmp_path):
+    """`--ckpt` may be a downloaded folder's config.json (README): the same report as the folder's,
+    and as the preset's that the file was written from."""
+    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.from_preset("tiny").to_hf_config()))
+    reports = [run_main(capsys, "--ckpt", ckpt, "--dry-run", "2") for ckpt in ("tiny", tmp_path, tmp_path / "config.json")]
+    assert [code for code, *_ in reports] == [0, 0, 0]
+    assert len({out.split(" on 2 rank(s)", 1)[1] for _, out, _ in reports}) == 1
+
+def test_weight_bytes_per_rank_of_the_tiny_preset_on_two_ranks_by_hand():
+    """The tiny preset (4 layers, the first dense, 1 MTP block; 4 heads, 16 experts) on 2 ranks in
+    float32, counted by hand per rank: half the experts; half the rows of wq_b, wkv_b, w1, w3 and
+    the head, half the columns of wo and w2; everything else whole. The parts add up to the
+    bytes of rank 0's meta model, and sharding cuts each tensor along its split_dim (experts along
+    dim 0), or not at all where split_dim says None."""
+    args = ModelArgs.from_preset("tiny")
+    D, V, H, blocks, moe_blocks = 256, 260, 4, 4 + 1, 3 + 1
+    qk, v, q_rank, kv_rank, rope = 32 + 16, 32, 128, 64, 16
+    experts = moe_blocks * (16 // 2) * 3 * D * 128
+    split = (blocks * (H // 2 * qk * q_rank + H // 2 * (qk - rope + v) * kv_rank + D * H // 2 * v)
+             + 3 * D * 768 // 2 + moe_blocks * 3 * D * 128 // 2 + V // 2 * D)
+    replicated = (V * D + D + blocks * (2 * D + q_rank * D + q_rank + (kv_rank + rope) * D + kv_rank)
+                  + moe_blocks * 16 * D + 2 * D + 2 * D * D + D)  # router weights; MTP enorm, hnorm, eh_proj, norm
+    parts = model_module.weight_bytes_per_rank(args, 2)
+    assert list(parts.values()) == [4 * experts, 4 * split, 4 * replicated]
+    one, two = (dict(model_module.meta_model(args, 0, n).named_parameters()) for n in (1, 2))
+    assert sum(parts.values()) == sum(p.numel() * p.element_size() for p in two.values())
+    for name, p in two.items():
+        d = 0 if ".experts." in name else model_module.split_dim(name, args.n_layers)
+        cut = [n // 2 if i == d else n for i, n in enumerate(one[name].shape)]
+        assert list(p.shape) == cut, name
 
 
 # ============================================================================ README quick start
