@@ -1645,7 +1645,8 @@ def tokenizer_ids(ckpt, token_id, vocab_size):
 
 def accounting(args, seq_len=None):
     """Parameters (total, activated per token, MTP), training FLOPs per token and the BF16 MLA
-    cache bytes per token. Published V3: 671B total, 37B activated, 11.5B MTP (§1, §2.2)."""
+    cache bytes per token. Published V3: 671B total, 37B activated (§1); the MTP module is
+    11.61B here, its block 11.51B (DeepSeek's weight notes: 11.5B unique)."""
     seq_len = seq_len or args.max_seq_len
     with torch.device("meta"):
         model = Transformer(args)

@@ -938,6 +938,10 @@ def dry_run(a, margs):
           + (f" + gradients {human_bytes(mem['gradients'])} (--grad-accum {a.grad_accum})" if a.grad_accum > 1 else "")
           + f"; {'fits' if fits else 'does NOT fit'} an 80 GB GPU ({human_bytes(GPU_BYTES)}, "
           f"{human_bytes(GPU_RESERVE)} kept for the CUDA context)")
+    if a.preset == "deepseek-v3":  # what the lines above size, since no one device could run it
+        print("            (one device holding the whole model and the whole step as one micro-batch: a bound, not a "
+              "plan; the report spreads both over 2048 H800s with 16-way pipeline, 64-way expert and ZeRO-1 data "
+              "parallelism, §3.1-3.2)")
     print(f"this run    {tokens:,} tokens/step x {a.max_steps} steps = {human(tokens * a.max_steps)} tokens, "
           f"{flops * tokens * a.max_steps:.3g} FLOPs")
     return mem
