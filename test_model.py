@@ -2125,23 +2125,69 @@ def test_fp8_stored_experts_take_the_real_path_on_used_experts_only(monkeypatch)
     assert len(calls) == 3 * idx.unique().numel() < 3 * 16
 
 
+def limited_accumulation(qa, sa, a_block, qb, sb, b_block, bits=14, step=32):
+    """a @ b^T from e4m3 operands as §3.3.2 describes Hopper's FP8 GEMM, emulated in float64:
+    inside each 128-wide tile of the contraction the tensor cores add `step` products at a time
+    into an accumulator that keeps "around 14 bits" (here `bits` significant bits, truncated after
+    every step); each tile's sum is then scaled and promoted into a full-precision sum (every
+    N_C = 128 elements; a block-wise scaled GEMM must do the same, its scales change per tile)."""
+    def chop(v):
+        m, e = torch.frexp(v)
+        return torch.ldexp(torch.trunc(m * 2.0 ** bits) / 2.0 ** bits, e)
+    per_row = lambda s, block, n: s.double().repeat_interleave(block[0], -2)[..., :n, :]   # (..., n, K/128)
+    A, B = qa.double(), qb.double()
+    Sa, Sb = per_row(sa, a_block, A.size(-2)), per_row(sb, b_block, B.size(-2))
+    out = 0
+    for t, k0 in enumerate(range(0, A.size(-1), 128)):
+        acc = 0
+        for j in range(k0, min(k0 + 128, A.size(-1)), step):
+            acc = chop(acc + A[..., j:j + step] @ B[..., j:j + step].mT)   # 32 e4m3 products: exact in float64
+        out = out + acc * Sa[..., :, t, None] * Sb[..., None, :, t]
+    return out
+
+
+def hardware_bound(qa, sa, a_block, qb, sb, b_block):
+    """The error that a real FP8 GEMM may show against the exact product of its e4m3 operands:
+    4 x the error of limited_accumulation (14 bits, truncated), i.e. room for two bits fewer or
+    another order of addition, since neither the paper nor cuBLAS states the tensor cores' exact
+    rounding. About 5e-4 for these tests' shapes, below torch's own tolerance for its block-wise
+    scaled_mm tests (rtol 2e-3); a wrong layout or scale gives errors of order 1."""
+    exact = (fp8_dequantize(qa.double(), sa.double(), a_block, torch.float64)
+             @ fp8_dequantize(qb.double(), sb.double(), b_block, torch.float64).mT)
+    return exact, 4 * rel(limited_accumulation(qa, sa, a_block, qb, sb, b_block), exact)
+
+
+def test_limited_accumulation_emulates_the_bits_it_keeps():
+    """The emulation behind the Hopper tests' thresholds: with a float64-wide accumulator it is the
+    exact product; keeping 14 bits, truncated four times per 128-tile, it loses between 2^-14 and
+    2^-12 of the result (each truncation drops up to 2^-13 of the running sum, half that on average)."""
+    from model import ACT, WEIGHT
+    torch.manual_seed(0)
+    (qa, sa), (qb, sb) = fp8_quantize(torch.randn(100, 1280), ACT), fp8_quantize(torch.randn(1536, 1280) * 0.02, WEIGHT)
+    exact, bound = hardware_bound(qa, sa, ACT, qb, sb, WEIGHT)
+    assert rel(limited_accumulation(qa, sa, ACT, qb, sb, WEIGHT, bits=53), exact) < 1e-14
+    assert 2 ** -14 < bound / 4 < 2 ** -12 and bound < 2e-3
+
+
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and __import__("model").fp8_real_available("cuda")),
                             reason="needs a Hopper GPU (block-wise scaled_mm: SM90, CUDA >= 12.9)")
 
 
 @hopper
 def test_real_fp8_gemm_equals_emulation_on_hopper():
-    """Stacked experts through scaled_mm on the GPU against the emulation of the same e4m3
-    numbers: equal up to float32 summation order (each product sums 1x128 tiles in fp32)."""
+    """Stacked experts through scaled_mm on the GPU (Fprop, and a Wgrad whose contraction of 100
+    tokens is padded to 128) against the exact product of the same e4m3 numbers, within what the
+    tensor cores' limited accumulation allows (hardware_bound; issue 21: 1e-5 was tighter than
+    the hardware, whose in-tile sums keep about 14 bits, §3.3.2)."""
     from model import ACT, WEIGHT, fp8_gemm
     torch.manual_seed(0)
     x, w = torch.randn(4, 100, 256, device="cuda"), torch.randn(4, 384, 256, device="cuda") * 0.05
     (qx, sx), (qw, sw) = fp8_quantize(x, ACT), fp8_quantize(w, WEIGHT)
-    real = fp8_gemm(qx, sx, ACT, qw, sw, WEIGHT)
-    emulated = fp8_dequantize(qx, sx, ACT) @ fp8_dequantize(qw, sw, WEIGHT).mT
-    assert rel(real, emulated) < 1e-5
+    exact, bound = hardware_bound(qx, sx, ACT, qw, sw, WEIGHT)
+    assert rel(fp8_gemm(qx, sx, ACT, qw, sw, WEIGHT), exact) < bound
     (qg, sg), (qt, st) = fp8_quantize(torch.randn(4, 384, 100, device="cuda")), fp8_quantize(x.mT)
-    assert rel(fp8_gemm(qg, sg, ACT, qt, st, ACT), fp8_dequantize(qg, sg, ACT) @ fp8_dequantize(qt, st, ACT).mT) < 1e-5
+    exact, bound = hardware_bound(qg, sg, ACT, qt, st, ACT)
+    assert rel(fp8_gemm(qg, sg, ACT, qt, st, ACT), exact) < bound
 
 
 @hopper
@@ -2333,11 +2379,12 @@ def test_expert_backends_agree_on_cuda():
 @pytest.mark.parametrize("m", [1, 7, 100, 4096])
 @hopper
 def test_real_fp8_gemm_equals_emulation_for_any_row_count(m):
-    """fp8_gemm through scaled_mm against the emulation of the same e4m3 operands, at M = 1 (batch-1
-    decoding), 7, 100 (partial 1x128 scale tiles) and 4096 rows; K = 1280 (a scale dim padded to 4)."""
+    """fp8_gemm through scaled_mm against the exact product of the same e4m3 operands, at M = 1
+    (batch-1 decoding), 7, 100 (partial 1x128 scale tiles) and 4096 rows; K = 1280 (a scale dim
+    padded to 4); within the limited accumulation's error (hardware_bound, about 5e-4 here)."""
     from model import ACT, WEIGHT, fp8_gemm
     torch.manual_seed(0)
     a, b = torch.randn(m, 1280, device="cuda"), torch.randn(1536, 1280, device="cuda") * 0.02
     (qa, sa), (qb, sb) = fp8_quantize(a, ACT), fp8_quantize(b, WEIGHT)
-    emulated = fp8_dequantize(qa, sa, ACT).double() @ fp8_dequantize(qb, sb, WEIGHT).double().mT
-    assert rel(fp8_gemm(qa, sa, ACT, qb, sb, WEIGHT), emulated) < 1e-5
+    exact, bound = hardware_bound(qa, sa, ACT, qb, sb, WEIGHT)
+    assert rel(fp8_gemm(qa, sa, ACT, qb, sb, WEIGHT), exact) < bound
