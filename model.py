@@ -11,7 +11,7 @@ Part 1, the model: the architecture alone, bottom-up, every piece before its use
 Part 2, the engineering, each section acting on the built model from outside:
     FP8 .................. §3.3: 1x128 activation tiles, 128x128 weight blocks, e4m3, fp32 accumulation;
                            the Hopper tensor-core path and FP8 weight storage
-    expert back-ends ..... one grouped or batched GEMM instead of part 1's loop over experts
+    expert back-ends ..... part 1's loop over experts as a gather, grouped or batched GEMMs, or per-expert products
     generation ........... latent KV cache, plain and MTP speculative decoding, sampling (§2.2, §5.4.3)
     parallelism .......... tensor-parallel attention and FFN, expert-parallel MoE (§3.4), applied by shard()
     checkpoint I/O ....... the published Hugging Face layout (BF16 or FP8 with 128x128 block scales),
@@ -748,15 +748,12 @@ def fp8_weight_matmul(x, w, scale):
     return x @ fp8_dequantize(w, scale, dtype=x.dtype).mT
 
 
-def expert_matmul(experts, x, name, used=None):
-    """x (E', M, K) @ W^T for expert weights W = experts.<name> (E, N, K), or only W[used]
-    (E' = len(used)): high precision, FP8-trained (FP8Matmul) or FP8-stored: e4m3 GEMM on Hopper,
-    elsewhere the used experts' blocks dequantized (not all E)."""
-    w = getattr(experts, name)
-    w = w if used is None else w[used]
+def expert_matmul(experts, x, w, scale=None):
+    """x (..., M, K) @ w^T for a weight w (..., N, K) of the routed experts `experts`: one expert's,
+    or all E stacked. High precision; FP8-trained (FP8Matmul while gradients are on); or FP8-stored
+    with its 128x128 block scales (e4m3 GEMM on Hopper, elsewhere these blocks alone dequantized)."""
     if w.dtype == FP8_DTYPE:
-        scale = getattr(experts, name + "_scale")
-        return fp8_weight_matmul(x, w, scale if used is None else scale[used])
+        return fp8_weight_matmul(x, w, scale)
     if getattr(experts, "fp8_train", False) and torch.is_grad_enabled():
         return FP8Matmul.apply(x, w)
     return x @ w.mT
@@ -806,26 +803,39 @@ def fp8_scaled_mm(qa, sa, a_block, qb, sb, b_block):
 
 # ----------------------------------------------------------------------------------------------
 # Expert back-ends: part 1's Experts.forward loops over the experts; these compute the same sum
-# in one or a few large products. Picked per call by expert_backend, for the hardware and the
-# number of (token, expert) pairs:
-#   gather  - CPU decoding (fewer pairs than experts, or inside a compiled inference step): each
-#             pair multiplies its expert's weights in place, no sort, no host sync, so a compiled
-#             step stays one graph; FP8-stored weights: only the chosen experts' are dequantized;
-#   grouped - torch's grouped GEMM over the sorted pairs: CUDA in bfloat16 (its only dtype
-#             there), and CPU with few pairs per expert;
-#   padded  - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training and FP8
-#             (training: FP8Matmul per expert, the real e4m3 path on Hopper; FP8-stored: the
-#             experts with no rows are skipped).
+# in fewer, larger products, or in a form a compiled step can trace. Picked per call by
+# expert_backend, for the hardware, the precision and the number of (token, expert) pairs:
+#   gather   - CPU decoding (fewer pairs than experts), and any compiled inference step that
+#              grouped_mm cannot take: each pair multiplies its expert's weights in place, no sort,
+#              no host sync, so the step stays one graph; FP8-stored weights: only the chosen
+#              experts' blocks are dequantized;
+#   grouped  - torch's grouped GEMM over the sorted pairs: CUDA in bfloat16 (its only dtype there)
+#              and CPU with few pairs per expert, where every row stride is whole 16 bytes;
+#   segments - one product per expert on exactly its own sorted rows, N*K in all however uneven
+#              the load: FP8 (training: FP8Matmul; stored: the e4m3 weights; on Hopper one
+#              scaled_mm each), and CUDA where grouped_mm cannot run (float32, unaligned widths);
+#   padded   - pairs padded per expert to (E, cap, D) and batched matmuls: CPU training in high
+#              precision (three large products; E x the largest load in rows, up to E/K times N*K
+#              while the routing is uneven, e.g. at initialisation).
 
-def expert_backend(is_cuda, dtype, n_pairs, n_experts, fp8, compiling):
-    """'gather', 'grouped' or 'padded' for one call. dtype: the compute dtype (autocast's if on);
-    fp8: None, 'train' (FP8Matmul) or 'stored' (e4m3 weights); compiling: a compiled inference step."""
-    if not is_cuda and fp8 != "train" and (n_pairs < n_experts or compiling):
+def expert_backend(is_cuda, dtype, n_pairs, n_experts, fp8, compiling, widths):
+    """'gather', 'grouped', 'segments' or 'padded' for one call. dtype: the compute dtype (autocast's
+    if on); fp8: None, 'train' (FP8Matmul) or 'stored' (e4m3 weights); compiling: a compiled inference
+    step (no host sync, no loop over a data-dependent count); widths: the row lengths the products
+    stride over (dim, moe_inter_dim)."""
+    # grouped_mm: bfloat16 only on CUDA (its kernel and meta function); rows of whole 16 bytes everywhere
+    aligned = all(w * dtype.itemsize % 16 == 0 for w in widths)
+    grouped = hasattr(F, "grouped_mm") and not fp8 and aligned and (
+        dtype == torch.bfloat16 if is_cuda else n_pairs < n_experts * 8)
+    if fp8 == "train":
+        return "segments"
+    if not is_cuda and (n_pairs < n_experts or compiling):
         return "gather"
-    # grouped_mm's CUDA kernel (and meta function) takes bfloat16 only: float32 there is padded
-    if hasattr(F, "grouped_mm") and not fp8 and (dtype == torch.bfloat16 if is_cuda else n_pairs < n_experts * 8):
+    if grouped:
         return "grouped"
-    return "padded"
+    if compiling:
+        return "gather"
+    return "segments" if is_cuda or fp8 else "padded"
 
 
 def fast_experts(self, x, weights, idx):
@@ -835,10 +845,11 @@ def fast_experts(self, x, weights, idx):
     if first is not None:                 # local ids; another rank's expert gets id E, weight 0
         mine = (idx >= first) & (idx < first + E)
         idx, weights = torch.where(mine, idx - first, E), weights * mine
-    fp8 = "stored" if self.w1.dtype == FP8_DTYPE else "train" if getattr(self, "fp8_train", False) else None
+    fp8 = ("stored" if self.w1.dtype == FP8_DTYPE else
+           "train" if getattr(self, "fp8_train", False) and torch.is_grad_enabled() else None)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     compiled_inference = torch.compiler.is_compiling() and not torch.is_grad_enabled()
-    backend = expert_backend(x.is_cuda, dtype, N * K, E, fp8, compiled_inference)
+    backend = expert_backend(x.is_cuda, dtype, N * K, E, fp8, compiled_inference, (x.size(1), self.w1.size(1)))
     if backend == "gather":
         return gather_experts(self, x, weights, idx.clamp(max=E - 1))
     flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
@@ -846,17 +857,16 @@ def fast_experts(self, x, weights, idx):
     counts = flat.bincount(minlength=E)[:E]
     if first is not None:
         order = order[:int(counts.sum())]            # drop the other ranks' pairs
-    if backend == "grouped":
-        pair = order
-        h = grouped_experts(self, x[order // K], counts, dtype)             # (N*K, D)
-    else:
+    if backend == "padded":
         expert = flat[order]
         slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
         cap = -(-int(counts.max()) // 64) * 64       # rounded up: few distinct shapes to compile
         pair = torch.full((E, cap), N * K, device=x.device)                 # N*K = padding
         pair[expert, slot] = order
-        used = counts.nonzero().squeeze(1) if fp8 == "stored" else None
-        h = padded_experts(self, F.pad(x, (0, 0, 0, 1))[pair // K], used)  # (E, cap, D)
+        h = padded_experts(self, F.pad(x, (0, 0, 0, 1))[pair // K])        # (E, cap, D)
+    else:
+        pair, xs = order, x[order // K]                                     # (N*K, D) sorted by expert
+        h = grouped_experts(self, xs, counts, dtype) if backend == "grouped" else segment_experts(self, xs, counts)
     w = F.pad(weights.flatten(), (0, 1))[pair].to(h.dtype)                  # 0 for padding
     y = h.new_zeros(N + 1, x.size(1))                                       # row N: padding
     return y.index_add_(0, (pair // K).flatten(), (h * w[..., None]).flatten(0, -2))[:N]
@@ -887,13 +897,24 @@ def grouped_experts(self, xs, counts, dtype):
     return mm(F.silu(mm(xs, self.w1)) * mm(xs, self.w3), self.w2)
 
 
-def padded_experts(self, buf, used=None):
+def segment_experts(self, xs, counts):
+    """Each expert's SwiGLU on exactly its own rows of xs (N*K, D), sorted by expert -> (N*K, D):
+    one product per expert and projection (so each can be FP8), experts without rows skipped.
+    Reading the counts is one host sync. The weights are unbound once, so that their gradients
+    come back as one stacked tensor (indexing w[e] would give one zero-filled (E, ...) per expert)."""
+    w = {n: getattr(self, n).unbind(0) for n in ("w1", "w2", "w3")}
+    s = {n: getattr(self, n + "_scale").unbind(0) for n in w if hasattr(self, n + "_scale")}  # FP8-stored
+    mm = lambda t, n, e: expert_matmul(self, t, w[n][e], s[n][e] if s else None)
+    rows = xs.split(counts.tolist())                                       # E views, (count_e, D)
+    h = [mm(F.silu(mm(r, "w1", e)) * mm(r, "w3", e), "w2", e) for e, r in enumerate(rows) if len(r)]
+    return torch.cat(h) if h else xs
+
+
+def padded_experts(self, buf):
     """buf (E, cap, D): each expert's rows padded to the largest count -> (E, cap, D) by batched
-    matmuls (E * cap - N*K idle rows when the load is uneven). used: the experts with rows, the
-    only ones computed (the others' rows are padding, their output zero)."""
-    mm = lambda t, name: expert_matmul(self, t, name, used)
-    ffn = lambda t: mm(F.silu(mm(t, "w1")) * mm(t, "w3"), "w2")
-    return ffn(buf) if used is None else buf.new_zeros(buf.shape).index_copy_(0, used, ffn(buf[used]))
+    matmuls (E * cap - N*K idle rows when the load is uneven)."""
+    mm = lambda t, n: expert_matmul(self, t, getattr(self, n), getattr(self, n + "_scale", None))
+    return mm(F.silu(mm(buf, "w1")) * mm(buf, "w3"), "w2")
 
 
 Experts.backend = fast_experts
@@ -1709,8 +1730,9 @@ def activation_bytes(args, batch_size, seq_len, autocast=True, attention="fused"
       differ): float32 q, k, v and the full (T, T) probabilities of every head;
     - MoE: per routed row 4D + 4I numbers (not D + 3I: w1 and w3 each save a copy of the input
       under autocast, and index_add saves its source h * g beside h) times
-      K * expert_rows rows per token: 1.0 for the grouped back-end (exactly N*K rows, CUDA bf16),
-      E * cap / (N*K) for the padded one (CPU, --fp8), cap the largest expert load rounded up to 64;
+      K * expert_rows rows per token: 1.0 for the grouped and segments back-ends (exactly N*K rows
+      however uneven the routing: every CUDA run, and --fp8 everywhere), E * cap / (N*K) for the
+      padded one (CPU training without --fp8), cap the largest expert load rounded up to 64;
       plus the gate and the shared expert;
     - the MTP module (two norms, eh_proj, one MoE block) on T - 1 positions, and the logits:
       float32 log-softmax of the main and MTP heads, and the main logits the caller holds."""

@@ -26,7 +26,7 @@ import model as model_module
 import train as train_module
 from model import (FP8_DTYPE, MLA, CheckpointError, Gate, ModelArgs, MoE, Transformer, accounting, atomic_write,
                    decode_step, draw, fp8_dequantize, fp8_quantize, grouped_experts, hf_name, hf_state_dict,
-                   kv_bytes_per_token, padded_experts, precompute_freqs_cis, probs, setup_cache)
+                   kv_bytes_per_token, padded_experts, precompute_freqs_cis, probs, segment_experts, setup_cache)
 from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Batches, all_mean, decode, encode, epoch_stream, evaluate,
                    fim_prompt, fim_split, leave_distributed, load_documents, main, schedule, val_batches)
 
@@ -384,6 +384,39 @@ def test_grouped_mm_path_equals_padded_path():
         buf[e, :counts[e]] = xs[counts[:e].sum():counts[:e + 1].sum()]
     padded = torch.cat([padded_experts(moe.experts, buf)[e, :counts[e]] for e in range(8)])
     assert rel(grouped_experts(moe.experts, xs, counts, xs.dtype), padded) < 1e-5
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_segment_path_equals_padded_path_values_and_gradients(fp8):
+    """The segments back-end (each expert on exactly its own rows; FP8's path) against the padded
+    one (batched products over rows padded to the largest load; FP8's path before), in float32 and
+    with FP8Matmul: the same e4m3 tiles (zero rows change no 1x128 scale), so equal up to float32
+    summation order; experts 6 and 7 get no row, and their gradients must be exactly zero."""
+    moe, args = random_moe(dim=128, moe_inter_dim=128)
+    moe.experts.fp8_train = fp8
+    torch.manual_seed(1)
+    logits = torch.randn(40, 8)
+    logits[:, 6:] = -math.inf
+    idx = logits.topk(2, dim=-1).indices
+    order, counts = idx.flatten().argsort(stable=True), idx.flatten().bincount(minlength=8)
+    x0, dy = torch.randn(40, args.dim), torch.randn(80, args.dim)
+    results = []
+    for path in ("segments", "padded"):
+        moe.zero_grad()
+        x = x0.clone().requires_grad_()
+        xs = x[order // 2]                                                  # inputs sorted by expert
+        if path == "segments":
+            h = segment_experts(moe.experts, xs, counts)
+        else:
+            buf = torch.zeros(8, int(counts.max()), args.dim)
+            for e in range(8):
+                buf[e, :counts[e]] = xs[counts[:e].sum():counts[:e + 1].sum()]
+            h = torch.cat([padded_experts(moe.experts, buf)[e, :counts[e]] for e in range(8)])
+        (h * dy).sum().backward()
+        results.append([h, x.grad] + [p.grad.clone() for p in (moe.experts.w1, moe.experts.w2, moe.experts.w3)])
+    for a, b in zip(*results):   # output, input gradient, w1, w2, w3 gradients
+        assert rel(a, b) < 1e-5
+    assert all(float(g[6:].abs().max()) == 0 for g in results[0][2:])
 
 
 def test_sequence_balance_loss_matches_formula():
@@ -2071,19 +2104,89 @@ def test_expert_backend_keeps_float32_off_grouped_mm_on_cuda():
             with pytest.raises(RuntimeError, match="BF16"):
                 F.grouped_mm(a, b, offs=offs)
             assert F.grouped_mm(a.bfloat16(), b.bfloat16(), offs=offs).shape == (10, 32)
-    grouped = "grouped" if hasattr(F, "grouped_mm") else "padded"
+    grouped = lambda other: "grouped" if hasattr(F, "grouped_mm") else other
+    W = (64, 32)  # dim, moe_inter_dim: rows of whole 16 bytes in bfloat16 and float32
     for compiling in (False, True):
-        assert expert_backend(True, torch.float32, 4096, 8, None, compiling) == "padded"
-        assert expert_backend(True, torch.bfloat16, 4096, 8, None, compiling) == grouped
-        assert expert_backend(True, torch.bfloat16, 4, 8, None, compiling) == grouped   # no gather on CUDA
-        assert expert_backend(True, torch.bfloat16, 4096, 8, "train", compiling) == "padded"
-    assert expert_backend(False, torch.float32, 4, 8, None, False) == "gather"          # CPU decoding
-    assert expert_backend(False, torch.float32, 4096, 8, None, True) == "gather"        # compiled step
-    assert expert_backend(False, torch.float32, 40, 8, None, False) == grouped          # few pairs per expert
-    assert expert_backend(False, torch.float32, 4096, 8, None, False) == "padded"
-    assert expert_backend(False, torch.float32, 4, 8, "stored", False) == "gather"      # FP8 decoding
-    assert expert_backend(False, torch.float32, 4096, 8, "stored", False) == "padded"
-    assert expert_backend(False, torch.float32, 4, 8, "train", False) == "padded"
+        assert expert_backend(True, torch.float32, 4096, 8, None, compiling, W) == ("gather" if compiling else "segments")
+        assert expert_backend(True, torch.bfloat16, 4096, 8, None, compiling, W) == \
+            grouped("gather" if compiling else "segments")
+        assert expert_backend(True, torch.bfloat16, 4, 8, None, False, W) == grouped("segments")  # no gather on CUDA
+    assert expert_backend(True, torch.bfloat16, 4096, 8, "train", False, W) == "segments"   # FP8Matmul per expert
+    assert expert_backend(True, torch.bfloat16, 4096, 8, "stored", False, W) == "segments"  # used experts only
+    assert expert_backend(True, torch.bfloat16, 4, 8, "stored", True, W) == "gather"        # compiled FP8 decoding
+    assert expert_backend(False, torch.float32, 4, 8, None, False, W) == "gather"           # CPU decoding
+    assert expert_backend(False, torch.float32, 4096, 8, None, True, W) == "gather"         # compiled step
+    assert expert_backend(False, torch.float32, 40, 8, None, False, W) == grouped("padded")  # few pairs per expert
+    assert expert_backend(False, torch.float32, 4096, 8, None, False, W) == "padded"
+    assert expert_backend(False, torch.float32, 4, 8, "stored", False, W) == "gather"       # FP8 decoding
+    assert expert_backend(False, torch.float32, 4096, 8, "stored", False, W) == "segments"
+    assert expert_backend(False, torch.float32, 4, 8, "train", False, W) == "segments"
+
+
+def test_grouped_mm_needs_rows_of_whole_16_bytes_and_the_backend_falls_back():
+    """Issue 21, bug 5: grouped_mm strides its operands by dim and moe_inter_dim, and torch refuses
+    a stride that is not a multiple of 16 bytes (its meta function for the CUDA kernel, its CPU
+    kernel alike): in bfloat16 both must be multiples of 8. A published config with 1000/380
+    (w2's input stride 380 x 2 bytes) passes the presets' checks, so expert_backend must fall back
+    to the segments (CUDA) or the padded (CPU) back-end; on the CPU the MoE then runs and equals
+    part 1's loop where it used to raise."""
+    from model import Experts, expert_backend
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    # float32 on the CPU: 4-byte numbers, so a width of 66 (264 bytes) is the unaligned case
+    moe, args = random_moe(dim=66)
+    x = torch.randn(24, args.dim)                     # 8 <= 48 pairs < 8 x 8: grouped, were it aligned
+    w, idx, _ = moe.gate(x)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Experts, "backend", None)          # part 1's loop over the experts
+        ref = moe.experts(x, w, idx)
+    assert rel(moe.experts(x, w, idx), ref) < 1e-5
+    offs = torch.tensor([3, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        F.grouped_mm(x, moe.experts.w1.detach()[:2].mT, offs=offs)
+    assert expert_backend(False, torch.float32, 48, 8, None, False, (66, args.moe_inter_dim)) == "padded"
+    with torch.device("meta"):
+        for D, I, ok in ((1024, 384, True), (1000, 380, False), (1004, 384, False)):
+            x, w1, w2 = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((10, D), (2, I, D), (2, D, I)))
+            try:
+                F.grouped_mm(F.grouped_mm(x, w1.mT, offs=offs.to("meta")), w2.mT, offs=offs.to("meta"))
+                refused = False
+            except RuntimeError as e:
+                assert "16 bytes" in str(e)
+                refused = True
+            assert refused != ok
+            assert expert_backend(True, torch.bfloat16, 4096, 8, None, False, (D, I)) == ("grouped" if ok else "segments")
+            assert expert_backend(True, torch.bfloat16, 8, 8, None, True, (D, I)) == ("grouped" if ok else "gather")
+
+
+def test_compiled_fp8_decoding_on_cuda_traces_as_one_graph(monkeypatch):
+    """Issue 21, bug 2: `infer.py --dtype fp8 --compile` on Hopper. The FP8-stored experts on CUDA
+    went to the padded back-end, which picks the used experts with nonzero() and loops over their
+    count: a data-dependent loop that fullgraph=True refuses. Reproduced here on the CPU with the
+    Hopper path forced (fp8_real_available True, scaled_mm emulated on the same e4m3 numbers) and
+    expert_backend answering as for CUDA; fixed by the gather back-end in compiled steps. Its logits
+    equal the eager step's (the segments back-end, x quantized per 1x128 tile) within e4m3 rounding."""
+    import model as M
+    from model import use_fp8
+    torch._dynamo.reset()
+    net = use_fp8(random_model(dim=128, moe_inter_dim=128), store=True)
+    backend = M.expert_backend
+    chosen = []
+    monkeypatch.setattr(M, "expert_backend", lambda is_cuda, *a: chosen.append(backend(True, *a)) or chosen[-1])
+    monkeypatch.setattr(M, "fp8_real_available", lambda device: True)
+    monkeypatch.setattr(M, "fp8_scaled_mm",
+                        lambda qa, sa, ab, qb, sb, bb: fp8_dequantize(qa, sa, ab) @ fp8_dequantize(qb, sb, bb).mT)
+    setup_cache(net, 2, 16)
+    tokens, pos = torch.tensor([[5], [9]]), torch.tensor([[0], [0]])
+    with torch.inference_mode():
+        step = torch.compile(lambda *a: decode_step(net, *a)[1], fullgraph=True, dynamic=False, backend="eager")
+        compiled = step(tokens, pos, 1)
+        assert set(chosen) == {"gather"}
+        chosen.clear()
+        eager = decode_step(net, tokens, pos, 1)[1]
+        assert set(chosen) == {"segments"}
+    assert rel(compiled, eager) < 5e-2
+    torch._dynamo.reset()
 
 
 def checked_scaled_mm(calls):
@@ -2102,8 +2205,8 @@ def checked_scaled_mm(calls):
 
 def test_routed_experts_take_the_real_fp8_path_in_all_three_gemms(monkeypatch):
     """Under --fp8 with the Hopper path forced (layouts checked by torch's meta function), every
-    routed expert's Fprop, Dgrad and Wgrad of w1, w3, w2 is one scaled_mm: 9 per expert per MoE
-    layer, counted as the calls that disappear when the experts leave FP8; and the loss and
+    routed expert's Fprop, Dgrad and Wgrad of w1, w3, w2 is one scaled_mm: 9 per expert that gets
+    rows per MoE layer, counted as the calls that disappear when the experts leave FP8; and the loss and
     gradients equal the emulation's (the same e4m3 numbers, float32 sums in another order)."""
     import model as M
     if not hasattr(F, "scaled_mm"):
@@ -2128,8 +2231,8 @@ def test_routed_experts_take_the_real_fp8_path_in_all_three_gemms(monkeypatch):
         m.experts.fp8_train = False
     calls.clear()
     run()
-    E, layers = net.args.n_routed_experts, len(net.moe_layers())   # 2 blocks + the MTP block
-    assert with_experts - len(calls) == 9 * E * layers
+    used = sum(int((m.load > 0).sum()) for m in net.moe_layers())   # 2 blocks + the MTP block
+    assert used > 2 * net.args.n_routed_experts and with_experts - len(calls) == 9 * used
 
 
 def test_fp8_gemm_pads_the_contraction_dim_exactly(monkeypatch):
@@ -2148,7 +2251,7 @@ def test_fp8_gemm_pads_the_contraction_dim_exactly(monkeypatch):
     assert calls == [((128, 128), (256, 128))] * 2                   # one per expert, K 40 -> 128
 
 
-@pytest.mark.parametrize("n_tokens", [3, 40])   # 6 pairs < 16 experts: gather; 80 pairs: padded
+@pytest.mark.parametrize("n_tokens", [3, 40])   # 6 pairs < 16 experts: gather; 80 pairs: segments
 def test_fp8_stored_experts_dequantize_only_the_experts_used(monkeypatch, n_tokens):
     import model as M
     from model import use_fp8
@@ -2167,7 +2270,8 @@ def test_fp8_stored_experts_dequantize_only_the_experts_used(monkeypatch, n_toke
             ref[n] += w[n, k] * (dense["w2"][e] @ (F.silu(dense["w1"][e] @ x[n]) * (dense["w3"][e] @ x[n])))
     blocks = []
     dequantize = M.fp8_dequantize
-    monkeypatch.setattr(M, "fp8_dequantize", lambda q, *a, **k: blocks.append(q.size(0)) or dequantize(q, *a, **k))
+    monkeypatch.setattr(M, "fp8_dequantize",   # experts dequantized: (n, I, D) stacked or one (I, D)
+                        lambda q, *a, **k: blocks.append(q.shape[:-2].numel()) or dequantize(q, *a, **k))
     y = ex(x, w, idx)
     assert rel(y, ref) < 1e-5
     used = idx.unique().numel()
@@ -2196,23 +2300,69 @@ def test_fp8_stored_experts_take_the_real_path_on_used_experts_only(monkeypatch)
     assert len(calls) == 3 * idx.unique().numel() < 3 * 16
 
 
+def limited_accumulation(qa, sa, a_block, qb, sb, b_block, bits=14, step=32):
+    """a @ b^T from e4m3 operands as §3.3.2 describes Hopper's FP8 GEMM, emulated in float64:
+    inside each 128-wide tile of the contraction the tensor cores add `step` products at a time
+    into an accumulator that keeps "around 14 bits" (here `bits` significant bits, truncated after
+    every step); each tile's sum is then scaled and promoted into a full-precision sum (every
+    N_C = 128 elements; a block-wise scaled GEMM must do the same, its scales change per tile)."""
+    def chop(v):
+        m, e = torch.frexp(v)
+        return torch.ldexp(torch.trunc(m * 2.0 ** bits) / 2.0 ** bits, e)
+    per_row = lambda s, block, n: s.double().repeat_interleave(block[0], -2)[..., :n, :]   # (..., n, K/128)
+    A, B = qa.double(), qb.double()
+    Sa, Sb = per_row(sa, a_block, A.size(-2)), per_row(sb, b_block, B.size(-2))
+    out = 0
+    for t, k0 in enumerate(range(0, A.size(-1), 128)):
+        acc = 0
+        for j in range(k0, min(k0 + 128, A.size(-1)), step):
+            acc = chop(acc + A[..., j:j + step] @ B[..., j:j + step].mT)   # 32 e4m3 products: exact in float64
+        out = out + acc * Sa[..., :, t, None] * Sb[..., None, :, t]
+    return out
+
+
+def hardware_bound(qa, sa, a_block, qb, sb, b_block):
+    """The error that a real FP8 GEMM may show against the exact product of its e4m3 operands:
+    4 x the error of limited_accumulation (14 bits, truncated), i.e. room for two bits fewer or
+    another order of addition, since neither the paper nor cuBLAS states the tensor cores' exact
+    rounding. About 5e-4 for these tests' shapes, below torch's own tolerance for its block-wise
+    scaled_mm tests (rtol 2e-3); a wrong layout or scale gives errors of order 1."""
+    exact = (fp8_dequantize(qa.double(), sa.double(), a_block, torch.float64)
+             @ fp8_dequantize(qb.double(), sb.double(), b_block, torch.float64).mT)
+    return exact, 4 * rel(limited_accumulation(qa, sa, a_block, qb, sb, b_block), exact)
+
+
+def test_limited_accumulation_emulates_the_bits_it_keeps():
+    """The emulation behind the Hopper tests' thresholds: with a float64-wide accumulator it is the
+    exact product; keeping 14 bits, truncated four times per 128-tile, it loses between 2^-14 and
+    2^-12 of the result (each truncation drops up to 2^-13 of the running sum, half that on average)."""
+    from model import ACT, WEIGHT
+    torch.manual_seed(0)
+    (qa, sa), (qb, sb) = fp8_quantize(torch.randn(100, 1280), ACT), fp8_quantize(torch.randn(1536, 1280) * 0.02, WEIGHT)
+    exact, bound = hardware_bound(qa, sa, ACT, qb, sb, WEIGHT)
+    assert rel(limited_accumulation(qa, sa, ACT, qb, sb, WEIGHT, bits=53), exact) < 1e-14
+    assert 2 ** -14 < bound / 4 < 2 ** -12 and bound < 2e-3
+
+
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and __import__("model").fp8_real_available("cuda")),
                             reason="needs a Hopper GPU (block-wise scaled_mm: SM90, CUDA >= 12.9)")
 
 
 @hopper
 def test_real_fp8_gemm_equals_emulation_on_hopper():
-    """Stacked experts through scaled_mm on the GPU against the emulation of the same e4m3
-    numbers: equal up to float32 summation order (each product sums 1x128 tiles in fp32)."""
+    """Stacked experts through scaled_mm on the GPU (Fprop, and a Wgrad whose contraction of 100
+    tokens is padded to 128) against the exact product of the same e4m3 numbers, within what the
+    tensor cores' limited accumulation allows (hardware_bound; issue 21: 1e-5 was tighter than
+    the hardware, whose in-tile sums keep about 14 bits, §3.3.2)."""
     from model import ACT, WEIGHT, fp8_gemm
     torch.manual_seed(0)
     x, w = torch.randn(4, 100, 256, device="cuda"), torch.randn(4, 384, 256, device="cuda") * 0.05
     (qx, sx), (qw, sw) = fp8_quantize(x, ACT), fp8_quantize(w, WEIGHT)
-    real = fp8_gemm(qx, sx, ACT, qw, sw, WEIGHT)
-    emulated = fp8_dequantize(qx, sx, ACT) @ fp8_dequantize(qw, sw, WEIGHT).mT
-    assert rel(real, emulated) < 1e-5
+    exact, bound = hardware_bound(qx, sx, ACT, qw, sw, WEIGHT)
+    assert rel(fp8_gemm(qx, sx, ACT, qw, sw, WEIGHT), exact) < bound
     (qg, sg), (qt, st) = fp8_quantize(torch.randn(4, 384, 100, device="cuda")), fp8_quantize(x.mT)
-    assert rel(fp8_gemm(qg, sg, ACT, qt, st, ACT), fp8_dequantize(qg, sg, ACT) @ fp8_dequantize(qt, st, ACT).mT) < 1e-5
+    exact, bound = hardware_bound(qg, sg, ACT, qt, st, ACT)
+    assert rel(fp8_gemm(qg, sg, ACT, qt, st, ACT), exact) < bound
 
 
 @hopper
@@ -2232,9 +2382,27 @@ def test_fp8_training_step_on_hopper_tracks_cpu_emulation():
 # ---- dry runs and GPU checks
 def padded_rows(model):
     """E * cap / (N*K) per MoE layer, averaged: the padded back-end's rows per routed pair, from
-    the loads the forward counted (cap: the largest load rounded up to 64, as fast_experts does)."""
+    the loads the forward counted (cap: the largest load rounded up to 64, as fast_experts does).
+    1.0 under FP8: its segments back-end runs exactly the N*K routed rows."""
+    if model.args.fp8:
+        return 1.0
     rows = [m.load.numel() * -(-int(m.load.max()) // 64) * 64 / m.load.sum().item() for m in model.moe_layers()]
     return sum(rows) / len(rows)
+
+
+def profiled_peak(step):
+    """The peak of torch's own CPU allocations while step() runs: the running sum of the profiler's
+    memory events (malloc's caching and RSS noise stay out); what existed before is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    running, peak = 0, 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
 
 
 @pytest.mark.parametrize("mode", ["float32", "bf16", "fp8"])
@@ -2269,24 +2437,52 @@ def test_training_memory_estimate_matches_measured_cpu_peak():
     before it) against torch's own allocations, the running sum of the profiler's memory events
     (malloc's caching and RSS noise stay out). Measured 62.2 MiB against 61.7 estimated (bf16
     autocast, tiny, 2 x 128); 10% allows the allocation order inside backward kernels to move."""
-    from torch.profiler import ProfilerActivity, profile
     from model import training_memory
     args = ModelArgs.from_preset("tiny")
     torch.manual_seed(0)
     net, (B, T) = Transformer(args).train(), (2, 128)
     x, y = torch.randint(0, args.vocab_size, (2, B, T))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+    def step():
         with torch.autocast("cpu", torch.bfloat16):
             _, losses = net(x, y)
         losses["loss"].backward()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    running, peak = 0, 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
+    peak = profiled_peak(step)
     mem = training_memory(args, B, T, autocast=True, attention="math", expert_rows=padded_rows(net))
     assert mem["peak"] - mem["weights"] - mem["AdamW moments"] == pytest.approx(peak, rel=0.10)
+
+
+def test_fp8_step_at_initialisation_on_real_text_runs_the_routed_rows_only_and_fits_the_estimate(monkeypatch):
+    """Issue 21, bug 1: at initialisation, routing on real text is far from balanced (here the
+    largest expert load is 1.45-2.6x the mean per layer; the bias update needs tens of steps to
+    even it), and --fp8's padded back-end ran E x the largest load rows: 1.5-2.75x N*K, above the
+    dry run's assumed 2x in three of the four MoE layers, so one tiny --fp8 step allocated 7% more
+    than that estimate (298 MiB against 279 MiB at 4 x 256; small on a GPU: a 106 GiB peak for an
+    estimated 64). The FP8 experts now run each expert on its own rows: the rows they multiply
+    must be exactly the routed pairs MoE.forward counted (N*K per MoE layer), and the measured peak
+    of the forward and backward (weights and moments left out, as the estimator test does) must
+    stay within training_memory's count of N*K rows, what the dry run says for --fp8."""
+    import model as M
+    from model import training_memory
+    docs, _ = load_documents(None)                    # `python train.py`'s default data: the stdlib
+    B, T = 4, 256
+    x, y = next(Batches(docs, T, B, seed=0))          # its first rows at the default seed
+    args = ModelArgs.from_preset("tiny", fp8=True)
+    torch.manual_seed(0)
+    net = Transformer(args).train()
+    rows, expert_matmul = [], M.expert_matmul
+    monkeypatch.setattr(M, "expert_matmul", lambda experts, t, *a, **k:
+                        rows.append(t.shape[:-1].numel()) or expert_matmul(experts, t, *a, **k))
+
+    def step():
+        _, losses = net(x, y)
+        losses["loss"].backward()
+    peak = profiled_peak(step)
+    loads = [m.load for m in net.moe_layers()]
+    assert max(float(load.max() / load.mean()) for load in loads) > 2      # the uneven routing of the issue
+    assert sum(rows) == 3 * sum(int(load.sum()) for load in loads)         # w1, w3, w2: each routed row once
+    mem = training_memory(args, B, T, autocast=False, attention="math", expert_rows=1.0)
+    assert peak <= mem["peak"] - mem["weights"] - mem["AdamW moments"]
 
 
 def test_dry_run_small_preset_fits_80gb_in_bf16_and_says_fp8_needs_a_smaller_batch(capsys):
@@ -2323,9 +2519,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-def test_grouped_and_padded_experts_agree_on_cuda():
-    """CUDA bf16: the grouped back-end (grouped_mm) against the padded one (batched matmuls), values
-    and gradients, with two experts that get no token (their gradients must be exactly zero)."""
+def test_expert_backends_agree_on_cuda():
+    """CUDA bf16: the grouped back-end (grouped_mm) against the segments one (a product per expert,
+    what float32 and FP8 use on CUDA) and the padded one (batched matmuls), values and gradients,
+    with two experts that get no token (their gradients must be exactly zero)."""
     import model as M
     torch.manual_seed(0)
     args = ModelArgs.from_preset("small")
@@ -2339,7 +2536,7 @@ def test_grouped_and_padded_experts_agree_on_cuda():
     w, idx = logits.softmax(-1).topk(K, dim=-1)
     x0 = torch.randn(N, args.dim, device="cuda")
     results = {}
-    for backend in ("grouped", "padded"):
+    for backend in ("grouped", "segments", "padded"):
         chosen = lambda *a, b=backend: b
         ex.zero_grad()
         x = x0.clone().requires_grad_()
@@ -2348,19 +2545,21 @@ def test_grouped_and_padded_experts_agree_on_cuda():
             y = ex(x, w, idx)
         y.float().pow(2).sum().backward()
         results[backend] = [y.float(), x.grad] + [p.grad.clone() for p in (ex.w1, ex.w2, ex.w3)]
-    for g, p in zip(results["grouped"], results["padded"]):
-        assert rel(g, p) < 3e-2
-    assert all(float(g[[3, 17]].abs().max()) == 0 for g in results["grouped"][2:])
+    for other in ("segments", "padded"):
+        for g, p in zip(results["grouped"], results[other]):
+            assert rel(g, p) < 3e-2
+    assert all(float(g[[3, 17]].abs().max()) == 0 for backend in results for g in results[backend][2:])
 
 
 @pytest.mark.parametrize("m", [1, 7, 100, 4096])
 @hopper
 def test_real_fp8_gemm_equals_emulation_for_any_row_count(m):
-    """fp8_gemm through scaled_mm against the emulation of the same e4m3 operands, at M = 1 (batch-1
-    decoding), 7, 100 (partial 1x128 scale tiles) and 4096 rows; K = 1280 (a scale dim padded to 4)."""
+    """fp8_gemm through scaled_mm against the exact product of the same e4m3 operands, at M = 1
+    (batch-1 decoding), 7, 100 (partial 1x128 scale tiles) and 4096 rows; K = 1280 (a scale dim
+    padded to 4); within the limited accumulation's error (hardware_bound, about 5e-4 here)."""
     from model import ACT, WEIGHT, fp8_gemm
     torch.manual_seed(0)
     a, b = torch.randn(m, 1280, device="cuda"), torch.randn(1536, 1280, device="cuda") * 0.02
     (qa, sa), (qb, sb) = fp8_quantize(a, ACT), fp8_quantize(b, WEIGHT)
-    emulated = fp8_dequantize(qa, sa, ACT).double() @ fp8_dequantize(qb, sb, WEIGHT).double().mT
-    assert rel(fp8_gemm(qa, sa, ACT, qb, sb, WEIGHT), emulated) < 1e-5
+    exact, bound = hardware_bound(qa, sa, ACT, qb, sb, WEIGHT)
+    assert rel(fp8_gemm(qa, sa, ACT, qb, sb, WEIGHT), exact) < bound
