@@ -2487,19 +2487,20 @@ def test_fp8_step_at_initialisation_on_real_text_runs_the_routed_rows_only_and_f
 
 def test_dry_run_small_preset_fits_80gb_in_bf16_and_says_fp8_needs_a_smaller_batch(capsys):
     """`python train.py` on a GPU: small preset, 32 x 1024, bf16 autocast, 53.8 GiB, fits. With
-    --fp8, FP8Matmul keeps float32 activations and the padded expert back-end adds rows (largest
-    load assumed 2x the mean): 118 GiB at 32 x 1024, which does not fit; 16 x 1024 does (the batch
-    the small preset's --fp8 default needs, or --batch-size 16 --grad-accum 2)."""
-    limit = 80 * 2**30
+    --fp8, FP8Matmul keeps float32 activations: 77.7 GiB at 32 x 1024, over the 77.6 GiB that an
+    80 GB GPU leaves beside the CUDA context; 16 x 1024 in two micro-batches (--fp8's default on
+    small) fits at 43.7 GiB. The CUDA back-ends all run exactly the N*K routed rows, so the MoE's
+    bytes differ by precision alone: 4 x (3D + 4I) per row against bf16's 2 x (4D + 4I), 1.64x."""
+    usable = 81559 * 2**20 - 2 * 2**30   # an 80 GB GPU as torch reports it, less the CUDA context
     bf16 = main(["--dry-run", "--preset", "small", "--batch-size", "32", "--seq-len", "1024"])
     fp8 = main(["--dry-run", "--preset", "small", "--batch-size", "32", "--seq-len", "1024", "--fp8"])
     half = main(["--dry-run", "--preset", "small", "--batch-size", "16", "--seq-len", "1024", "--fp8", "--grad-accum", "2"])
     out = capsys.readouterr().out
-    assert bf16["peak"] < limit and half["peak"] < limit < fp8["peak"]
+    assert bf16["peak"] < usable < fp8["peak"] and half["peak"] < usable
     assert out.count("does NOT fit an 80 GB GPU") == 1 and out.count("fits an 80 GB GPU") == 2
-    assert fp8["MoE"] > 2 * bf16["MoE"]  # float32 rows, twice as many
+    assert 1.5 < fp8["MoE"] / bf16["MoE"] < 1.64   # the rows' ratio, less the gate and shared expert's
     defaults = main(["--dry-run", "--preset", "small", "--fp8"])  # --fp8's own defaults: 16 x 1024, 2 micro-batches
-    assert defaults["peak"] == half["peak"] < limit and "32,768 tokens/step" in capsys.readouterr().out
+    assert defaults["peak"] == half["peak"] < usable and "32,768 tokens/step" in capsys.readouterr().out
 
 
 def test_dry_run_states_the_sustained_flops_the_reported_gpu_hours_imply(capsys):

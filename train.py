@@ -327,7 +327,7 @@ PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3, grad_accum=
                    "small": dict(batch_size=32, seq_len=1024, lr=1e-3, grad_accum=1),
                    "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4, grad_accum=1)}
 # --fp8 keeps float32 activations (FP8Matmul saves its input): the same tokens per step in two
-# micro-batches, so that `python train.py --fp8` on one 80 GB GPU fits (dry run: 63.9 GiB)
+# micro-batches, so that `python train.py --fp8` on one 80 GB GPU fits (dry run: 43.7 GiB, not 77.7)
 FP8_DEFAULTS = {"small": dict(batch_size=16, grad_accum=2)}
 DEFAULT_MAX_STEPS = 900  # `python train.py`: minutes on a laptop CPU, not hours
 STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
@@ -896,7 +896,6 @@ GPU_HOURS_PER_TRILLION_TOKENS = 180e3
 H800_PEAK = {"BF16": 989e12, "FP8": 1979e12}
 GPU_BYTES = 81559 * 2**20  # an "80 GB" H100/H800/A100 as torch reports it (79.6 GiB)
 GPU_RESERVE = 2 * 2**30    # the CUDA context, cuBLAS workspaces and allocator fragmentation
-PADDED_ROWS = 2.0          # padded expert back-end: the largest expert load taken as 2x the mean
 
 
 def dry_run(a, margs):
@@ -920,14 +919,14 @@ def dry_run(a, margs):
     for name, b in (("float32", 4), ("bfloat16", 2)):
         w, m = human_bytes(n * b), human_bytes(2 * n * b)
         print(f"  {name:<9} {w} + {w} + {m} = {human_bytes(4 * n * b)}")
-    # one micro-batch on a CUDA GPU: bf16 autocast runs the grouped expert back-end (N*K rows);
-    # float32 and --fp8 keep float32 activations and run the padded one
-    autocast, padded = a.dtype == "bfloat16" and not a.fp8, a.fp8 or a.dtype != "bfloat16"
-    mem = training_memory(margs, a.batch_size, a.seq_len, autocast, "fused", PADDED_ROWS if padded else 1.0, a.grad_accum)
+    # one micro-batch on a CUDA GPU: its expert back-ends run exactly the N*K routed rows (grouped
+    # GEMM under bf16 autocast; float32 and --fp8 keep float32 activations, one product per expert)
+    autocast = a.dtype == "bfloat16" and not a.fp8
+    mem = training_memory(margs, a.batch_size, a.seq_len, autocast, "fused", 1.0, a.grad_accum)
     precision = "--fp8 (float32 activations)" if a.fp8 else "bf16 autocast" if autocast else "float32"
     print(f"activations {human_bytes(mem['activations total'])} per micro-batch of {a.batch_size} x {a.seq_len}, "
           f"{precision}, on a CUDA GPU (fused attention; "
-          + (f"padded experts, largest load {PADDED_ROWS:g}x the mean)" if padded else "grouped experts)"))
+          + ("grouped experts)" if autocast else "experts on their own rows)"))
     print("  " + ", ".join(f"{k} {human_bytes(mem[k])}" for k in
                            ("attention", "dense FFN", "MoE", "MTP module", "head and logits")))
     fits = mem["peak"] <= GPU_BYTES - GPU_RESERVE
