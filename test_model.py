@@ -2029,6 +2029,19 @@ def test_weight_bytes_per_rank_of_the_tiny_preset_on_two_ranks_by_hand():
         assert list(p.shape) == cut, name
 
 
+# ============================================================================ hostile input, second round
+# The environment, signals, output streams, the files infer.py reads, float bounds, memory, the
+# ablation script (issue 22). Subprocess tests where the behaviour is the process's.
+
+def test_a_tensor_in_two_safetensors_files_is_named(tmp_path):
+    save_tiny(tmp_path)
+    save_file({"lm_head.weight": load_file(tmp_path / "model.safetensors")["lm_head.weight"]},
+              tmp_path / "model-extra.safetensors")
+    with pytest.raises(CheckpointError, match="tensor lm_head.weight is in both model-extra.safetensors and "
+                                              "model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
 # ============================================================================ README quick start
 
 def test_readme_quick_start_trains_then_infers_as_a_user_runs_it(tmp_path):
