@@ -2311,6 +2311,64 @@ def test_a_tensor_in_two_safetensors_files_is_named(tmp_path):
         Transformer.from_pretrained(tmp_path)
 
 
+@pytest.fixture
+def study(monkeypatch, data_dir):
+    """docs/ablations.py with one config and one seed, FAST runs on data_dir and small domains."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    import ablations
+    sys.path.remove(str(ROOT / "docs"))
+    flags = ablations.train_flags
+    monkeypatch.setattr(ablations, "CONFIGS", {"aux-free": []})
+    monkeypatch.setattr(ablations, "SEEDS", (0,))
+    monkeypatch.setattr(ablations, "train_flags", lambda *args: [*flags(*args), *FAST, "--data", str(data_dir)])
+    docs = load_documents(str(data_dir))[0]
+    monkeypatch.setattr(ablations, "domains", lambda: {"code": docs * 8, "prose": docs[:6] * 16, "other": docs[6:] * 16})
+    return ablations
+
+
+def test_ablations_follow_out_refuse_other_steps_and_redo_a_torn_loads_file(capsys, study, tmp_path):
+    published = {f: (ROOT / "docs" / f).read_bytes() for f in ("ablations.md", "ablations.json")}
+    out = tmp_path / "study"
+    study.main(["--steps", "2", "--out", str(out)])
+    meta = json.loads((out / "ablations.json").read_text())["meta"]
+    assert meta["steps"] == 2 and meta["batch_size"] == 2 and "2 steps of 2 x 256" in (out / "ablations.md").read_text()
+    assert {f: (ROOT / "docs" / f).read_bytes() for f in published} == published  # no --publish: docs/ untouched
+    capsys.readouterr()
+    run = out / "aux-free-s0"
+    before = run_bytes(run)
+    with pytest.raises(SystemExit) as exit:  # resuming would train nothing and publish "3 steps"
+        study.main(["--steps", "3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "--steps 2 (this study: 3)" in err
+    assert run_bytes(run) == before
+    (run / "expert_loads.json").write_bytes(before["expert_loads.json"][:100])  # torn by a kill
+    study.main(["--steps", "2", "--out", str(out)])
+    assert json.loads((run / "expert_loads.json").read_text()) == json.loads(before["expert_loads.json"])
+    assert (run / "train_state.safetensors").read_bytes() == before["train_state.safetensors"]  # not retrained
+
+
+def test_ctrl_c_in_the_ablation_study_is_train_pys_one_line(tmp_path):
+    import signal
+    proc = subprocess.Popen([sys.executable, "docs/ablations.py", "--steps", "300", "--batch-size", "1", "--out",
+                             str(tmp_path)], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("tiny:"):  # train.py is running
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+
+
+def test_plot_ablations_without_matplotlib_or_a_study_is_one_line(tmp_path):
+    no_matplotlib = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.argv[1:] = {argv!r}; "
+                     "runpy.run_path('docs/plot_ablations.py', run_name='__main__')")
+    r = script("-c", no_matplotlib.format(argv=[]))
+    assert "pip install matplotlib" in one_line(r.stderr, 2, r)
+    r = script("docs/plot_ablations.py", "--study", tmp_path / "none.json")
+    assert "--study" in one_line(r.stderr, 2, r)
+
+
 # ============================================================================ README quick start
 
 def test_readme_quick_start_trains_then_infers_as_a_user_runs_it(tmp_path):
