@@ -2128,6 +2128,24 @@ def test_preemption_finishes_the_step_saves_and_exits_128_plus_the_signal(data_d
     assert json.loads((tmp_path / "out" / "train_state.json").read_text())["step"] == int(m[1]) < 300
 
 
+def test_preempted_torchrun_ranks_stop_after_the_same_step_with_rank_0s_checkpoint(data_dir, tmp_path):
+    """SIGTERM to torchrun, which forwards it to both ranks: they agree on one step, rank 0 saves
+    it, and one line says so (torchrun's own report of the signal follows; it is not ours)."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py",
+                             *FAST, "--batch-size", "4", "--data", str(data_dir), "--out", str(tmp_path), "--max-steps",
+                             "300", "--eval-interval", "1"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 1: val loss"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    steps = re.findall(r"terminated by SIGTERM after step (\d+): stopped, .* keeps the checkpoint of step \1;", err)
+    assert len(steps) == 1, err[-3000:]
+    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == int(steps[0])
+
+
 def test_preempted_run_resumes_bit_exactly(data_dir, tmp_path, monkeypatch):
     """SIGTERM during step 2 of 4: the run saves step 2 and exits 143; --resume then ends with the
     state of an uninterrupted run."""
