@@ -28,6 +28,7 @@ Part 1, the recipe:
 Part 2, the harness: command line, checkpoint and tokenizer loading (model.py reads the files),
 reports, dry run (model.py counts the bytes), main.
 """
+import contextlib
 import json
 import logging
 import os
@@ -38,21 +39,28 @@ from dataclasses import dataclass
 from typing import Callable
 
 
-def exit_quietly_on_ctrl_c():
-    """Ctrl-C while torch loads: one line, no traceback, exit 130 (until __main__ restores KeyboardInterrupt)."""
-    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
+def exit_quietly_on_signals():
+    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, no traceback, exit 128 + the signal's
+    number (until __main__ installs KeyboardInterrupt and Terminated)."""
+    def leave(signum, frame):
+        with contextlib.suppress(OSError):
+            os.write(2, f"error: {'interrupted' if signum == signal.SIGINT else 'terminated'} while starting\n".encode())
+        os._exit(128 + signum)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, leave)
 
 
 if __name__ == "__main__":
-    exit_quietly_on_ctrl_c()
+    exit_quietly_on_signals()
 
 import torch
 from safetensors import SafetensorError
 
-from model import (FIM_NAMES, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, setup_cache,
-                   tokenizer_ids, weight_bytes_per_rank)
-from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, Parser, count, decode, die, encode, fim_prompt, human_bytes,
-                   init_distributed, leave_distributed, nonneg, number, one_line, pick_device, positive_int,
+from model import (FIM_NAMES, PRESETS, CheckpointError, ModelArgs, Transformer, kv_bytes_per_token, read_file,
+                   setup_cache, tokenizer_ids, weight_bytes_per_rank)
+from train import (EOT, FIM_BEGIN, FIM_END, FIM_HOLE, TERMINATE, Parser, StreamFailed, count, decode, die, encode,
+                   exit_if_streams_failed, fim_prompt, guard_streams, human_bytes, init_distributed, interruption,
+                   leave_distributed, nonneg, number, one_line, pick_device, positive_int, raise_terminated,
                    seed_number, thread_count)
 
 
@@ -185,6 +193,7 @@ def bench(model, ids, a):
 # Command line, and the prompt flags' checks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+PROMPT_FILE_BYTES = 16 << 20  # 4M tokens of 4 bytes: more than the longest context config.json may name
 probability = number(float, 0, 1, strict=True)
 
 
@@ -194,7 +203,8 @@ def get_parser():
     add("--ckpt", default="out", help="checkpoint folder in the published layout (default: out, what train.py writes)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help=f"text to complete (default: {DEFAULT_PROMPT!r})")
-    prompt.add_argument("--prompt-file", help="read the text to complete from this UTF-8 file")
+    prompt.add_argument("--prompt-file", help="read the text to complete from this UTF-8 file, as bytes (line ends "
+                        f"kept as they are, as training reads its data), at most {PROMPT_FILE_BYTES >> 20} MiB")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 100,2,35; needs no tokenizer")
     add("--fim-prefix", help="fill in the middle (§4.1, PSM): the text before the hole")
     add("--fim-suffix", help="fill in the middle: the text after the hole")
@@ -253,17 +263,29 @@ def given_ids(text, vocab_size):
 
 
 def prompt_text(a):
-    """--prompt, the text of --prompt-file, or DEFAULT_PROMPT; never empty."""
+    """--prompt, the text of --prompt-file (read as bytes, checked as every file infer.py reads is,
+    then UTF-8 without newline translation), or DEFAULT_PROMPT; never empty."""
     text = a.prompt if a.prompt is not None else DEFAULT_PROMPT
     if a.prompt_file is not None:
         try:
-            with open(a.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            die(f"--prompt-file {a.prompt_file}: {getattr(e, 'strerror', None) or e}; give a readable UTF-8 text file")
+            text = read_file(a.prompt_file, PROMPT_FILE_BYTES, fix="give a UTF-8 text file").decode("utf-8")
+        except CheckpointError as e:
+            die(f"--prompt-file: {one_line(e)}")
+        except UnicodeDecodeError as e:
+            die(f"--prompt-file {a.prompt_file}: not UTF-8 text (byte {e.start}); convert it, or pass the ids as --prompt-ids")
     if not text:
         die("the prompt is empty; give some text with --prompt or --prompt-file")
     return text
+
+
+def check_ids(ids, vocab_size, a):
+    """The prompt's ids against the model, whatever made them: a tokenizer.json can encode a text
+    to nothing, or be another model's and give ids beyond this vocabulary."""
+    if not ids:
+        die(f"the prompt encodes to no tokens with the tokenizer of {a.ckpt}; give other text, or ids with --prompt-ids")
+    if (bad := next((i for i in ids if not 0 <= i < vocab_size), None)) is not None:
+        die(f"the tokenizer of {a.ckpt} gives token id {bad}, outside the model's vocabulary (0 to {vocab_size - 1}): "
+            f"it is another model's; replace {os.path.join(a.ckpt, 'tokenizer.json')} or pass --prompt-ids")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,19 +324,25 @@ def load_tokenizer(ckpt, vocab_size):
     """-> Vocab: the folder's tokenizer.json with the special ids its configs name, or our byte
     tokenizer for a checkpoint of its vocabulary without one."""
     path = os.path.join(ckpt, "tokenizer.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         if vocab_size == BYTE_VOCAB:
             return BYTES
         return Vocab(end=side_ids(ckpt, None, vocab_size)[1], why=(
             f"{ckpt} has no tokenizer.json and a vocabulary of {vocab_size}, not the byte tokenizer's "
             f"{BYTE_VOCAB}; add the checkpoint's tokenizer.json or pass --prompt-ids"))
+    try:  # read as config.json is: checked, bounded (a FIFO would hang the package's own read)
+        text = read_file(path, fix="replace it or pass --prompt-ids").decode("utf-8")
+    except CheckpointError as e:
+        die(one_line(e))
+    except UnicodeDecodeError:
+        die(f"{path} is not UTF-8 JSON; replace it or pass --prompt-ids")
     try:
         from tokenizers import Tokenizer
     except ImportError:
         return Vocab(end=side_ids(ckpt, None, vocab_size)[1],
                      why=f"{path} needs the tokenizers package: pip install tokenizers (or pass --prompt-ids)")
     try:
-        tok = Tokenizer.from_file(path)
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # the package raises plain Exceptions for malformed files
         die(f"cannot read {path}: {one_line(e)}; replace it or pass --prompt-ids")
     return Vocab(lambda text: tok.encode(text).ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
@@ -383,8 +411,8 @@ def dry_run(a):
     try:
         config = a.ckpt if os.path.isfile(a.ckpt) else os.path.join(a.ckpt, "config.json")  # a folder or its config
         args = (ModelArgs.from_preset(a.ckpt) if a.ckpt in PRESETS and not os.path.isdir(a.ckpt) else
-                ModelArgs.from_hf_config(json.loads(open(config).read())))
-    except (OSError, ValueError, RecursionError) as e:
+                ModelArgs.from_hf_config(json.loads(read_file(config, fix="give a checkpoint's config"))))
+    except (CheckpointError, ValueError, RecursionError) as e:
         die(f"--dry-run: cannot read the config of {a.ckpt}: {one_line(e)}; give a checkpoint "
             f"folder, its config.json or a preset ({', '.join(PRESETS)})")
     try:
@@ -425,6 +453,7 @@ def main(argv=None):
             "(num_nextn_predict_layers is 0 or its layer is missing); drop the flag")
     vocab = load_tokenizer(a.ckpt, margs.vocab_size)
     ids, echo = prompt_ids(a, vocab, margs.vocab_size)
+    check_ids(ids, margs.vocab_size, a)
     room = margs.max_seq_len - (a.speculative or a.bench) - len(ids)  # verification looks ahead one
     if room < 1:
         die(f"the prompt has {len(ids)} tokens and the context is {margs.max_seq_len}; shorten the prompt")
@@ -444,9 +473,15 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt again,
+    for s in TERMINATE:                                       # SIGTERM and SIGHUP Terminated
+        signal.signal(s, raise_terminated)
+    guard_streams(fatal=True)  # a closed pipe or a full disk: StreamFailed stops the generation nobody reads
     try:
         main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(file=sys.stderr)
-        sys.exit(130)
+        sys.exit(interruption(e)[1])
+    except StreamFailed:
+        pass  # reported below
+    exit_if_streams_failed()

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
@@ -1193,6 +1194,29 @@ def _umask():
     return mask
 
 
+SIDE_FILE_BYTES = 64 << 20  # config, index, tokenizer: DeepSeek-V3's are 2 KB, 8.9 MB and 7.8 MB
+
+
+def read_file(path, limit=SIDE_FILE_BYTES, fix="replace or remove it"):
+    """The bytes of a file read beside the weights (config.json, the index, the tokenizer's files, a
+    prompt): a regular file (opened without blocking, then checked: a FIFO would hang the read, a
+    device never end) of at most `limit` bytes, or a CheckpointError that ends with `fix`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path} is not a regular file (a FIFO, socket or device); {fix}")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path} ({e.strerror}); {fix}") from None
+    if len(data) > limit:
+        raise CheckpointError(f"{path} is larger than {limit >> 20} MiB, more than such a file holds; {fix}")
+    return data
+
+
 def atomic_write(dest, write):
     """write(tmp) to a temporary name beside dest, flush it to the disk, then rename it over dest:
     a kill at any moment leaves the previous file or the new one, never a torn one; after the
@@ -1495,17 +1519,15 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} not found; train one with "
                               "`python train.py` or pass the folder of a published checkpoint")
-    if (path / "config.json").exists() and not (path / "config.json").is_file():  # a FIFO would block the read
-        raise CheckpointError(f"{path / 'config.json'} is not a regular file; replace it with the checkpoint's config")
     try:
-        args = args_from_hf_config(json.loads((path / "config.json").read_text()))
-    except (OSError, ValueError, RecursionError) as e:
+        args = args_from_hf_config(json.loads(read_file(path / "config.json", fix="fix it or use another checkpoint")))
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}; fix it or use another checkpoint") from None
     index = path / "model.safetensors.index.json"
     try:
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-                 else [f.name for f in sorted(path.glob("model*.safetensors")) if f.is_file()])
-    except (OSError, ValueError, RecursionError, KeyError, AttributeError, TypeError) as e:
+        files = (sorted(set(json.loads(read_file(index, fix="re-save the checkpoint"))["weight_map"].values()))
+                 if os.path.lexists(index) else [f.name for f in sorted(path.glob("model*.safetensors")) if f.is_file()])
+    except (ValueError, RecursionError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"cannot read {index}: {e!r}") from None
     for f in files:  # an index names files of this folder, nothing else
         if not isinstance(f, str) or not f.endswith(".safetensors") or Path(f).name != f or not (path / f).is_file():
@@ -1517,7 +1539,13 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
     try:
         for f in files:
             with safe_open(path / f, "pt") as fh:
-                where.update(dict.fromkeys(fh.keys(), f))
+                keys = fh.keys()
+            if twice := next((k for k in keys if k in where), None):
+                raise CheckpointError(f"tensor {twice} is in both {where[twice]} and {f} of {path}; "
+                                      "remove one copy or re-save the checkpoint")
+            where.update(dict.fromkeys(keys, f))
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"cannot read {path / f}: {e}") from None
     if args.n_mtp and not any(k.startswith(f"model.layers.{args.n_layers}.") for k in where):
@@ -1576,7 +1604,7 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
         return t.narrow(d, lo - b0 * FP8_BLOCK, hi - lo), scale
 
     try:
-        for f in tqdm(files, desc="loading", unit="shard", disable=len(files) < 2):
+        for f in tqdm(files, desc="loading", unit="shard", disable=True if len(files) < 2 else None):  # None: a terminal's
             handles[f] = safe_open(path / f, "pt", device=str(device))
             for key in handles[f].keys():
                 if key not in targets:
@@ -1618,14 +1646,11 @@ FIM_NAMES = [("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
 
 def read_json(path):
     """A side file's JSON object; {} where the file is absent or holds no object."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return {}
-    if not os.path.isfile(path):  # a FIFO would block the read
-        raise CheckpointError(f"{path} is not a regular file; replace or remove it")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
+        config = json.loads(read_file(path, fix="fix or remove it"))
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path}: {e}; fix or remove it") from None
     return config if isinstance(config, dict) else {}
 

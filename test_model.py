@@ -1263,6 +1263,7 @@ def test_short_run_writes_metrics_and_checkpoint(runs):
         assert (tmp / "straight" / name).exists()
     assert json.loads((tmp / "straight" / "train_state.json").read_text())["step"] == 6
     assert "sample (temperature 0.8" in out
+    assert "step 3: val loss" in out and "step 6: val loss" in out and "val loss" not in err  # results: stdout
 
 
 def test_resume_is_bit_exact(runs):
@@ -1644,6 +1645,7 @@ def train_error(capsys, *argv):
     (["--batch-size", 2**64], "<= 1048576"), (["--seq-len", 2**40], "<= 16777216"), (["--seed", 2**64], "--seed"),
     (["--seed", -1], "--seed"), (["--lr", 1e38], "<= 1e+30"), (["--weight-decay", 1e38], "<= 1"), (["--dry-run", "--mtp", 99999999999], "<= 16"),
     (["--device", "meta"], "cpu or cuda"), (["--device", "mps"], "cpu or cuda"), (["--device", "xpu"], "cpu or cuda"),
+    (["--lr", "1e-320"], "1.175e-38"), (["--mtp-weight", "1e39"], "3.403e+38"), (["--bias-update-speed", 2], "<= 1"),
 ], ids=lambda f: " ".join(map(str, f))[:30] if isinstance(f, list) else None)
 def test_numbers_torch_cannot_hold_are_bounded_in_the_message(capsys, data_dir, tmp_path, flags, word):
     assert word in train_error(capsys, *FAST, "--data", data_dir, "--out", tmp_path, *flags)
@@ -1948,6 +1950,7 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path):
                           *flags, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "FutureWarning" not in two.stderr  # DDP's broadcast_buffers deprecation, once per rank
     curves = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
     for a, b in zip(*curves):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -2060,6 +2063,361 @@ def test_weight_bytes_per_rank_of_the_tiny_preset_on_two_ranks_by_hand():
         d = 0 if ".experts." in name else model_module.split_dim(name, args.n_layers)
         cut = [n // 2 if i == d else n for i, n in enumerate(one[name].shape)]
         assert list(p.shape) == cut, name
+
+
+# ============================================================================ hostile input, second round
+# The environment, signals, output streams, the files infer.py reads, float bounds, memory, the
+# ablation script (issue 22). Subprocess tests where the behaviour is the process's.
+
+def script(name, *argv, env=(), **kw):
+    """python <name> as a subprocess -> CompletedProcess; stdout and stderr captured unless given."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+    return subprocess.run([sys.executable, name, *map(str, argv)], cwd=ROOT, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}, **kw)
+
+
+def one_line(err, status, r=None):
+    assert (r is None or r.returncode == status) and err.count("\n") == 1, (getattr(r, "returncode", None), err)
+    assert "Traceback" not in err
+    return err
+
+
+TORCHRUN = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "TORCHELASTIC_RUN_ID": "x"}
+LAUNCH_ENVS = {  # what a shell may hold -> a word of the one line
+    "leftover RANK": ({"RANK": "1"}, "RANK=1 set without WORLD_SIZE"),
+    "leftover LOCAL_RANK": ({"LOCAL_RANK": "0"}, "without WORLD_SIZE and RANK"),
+    "WORLD_SIZE alone": ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 set without"),
+    "no launcher": ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "MASTER_ADDR"),
+    "rank beyond world": ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0", **TORCHRUN}, "do not fit"),
+    "not integers": ({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"}, "not integers"),
+    "marker alone": ({"TORCHELASTIC_RUN_ID": "x"}, "TORCHELASTIC_RUN_ID=x set without"),
+}
+
+
+@pytest.mark.parametrize("case", LAUNCH_ENVS)
+def test_partial_or_inconsistent_launcher_environment_is_one_line_and_leaves_out_alone(
+        capsys, monkeypatch, saved_run, data_dir, tmp_path, case):
+    """A RANK left in the shell made train.py a silent rank 1 that skipped out/.lock and replaced
+    another run's checkpoint; every partial or inconsistent set is refused before anything."""
+    env, word = LAUNCH_ENVS[case]
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = copy_run(saved_run, tmp_path / "out")
+    before = run_bytes(out)
+    for argv in ([*FAST, "--data", data_dir, "--out", out], ["--resume", "--out", out]):
+        assert word.lower() in train_error(capsys, *argv)
+    assert run_bytes(out) == before
+    one_line_error(*run_main(capsys, "--ckpt", out))  # infer.py decides by the same function
+
+
+def test_leftover_rank_in_a_real_process_refuses_instead_of_replacing_a_checkpoint(saved_run, data_dir, tmp_path):
+    out = copy_run(saved_run, tmp_path / "out")
+    before = run_bytes(out)
+    r = script("train.py", *FAST, "--data", data_dir, "--out", out, "--max-steps", 2, env={"RANK": "1"})
+    assert r.stderr.startswith("error: RANK=1") and one_line(r.stderr, 2, r) and r.stdout == ""
+    assert run_bytes(out) == before
+
+
+def test_launch_environment_of_torchrun_is_read_whole():
+    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", **TORCHRUN}
+    assert train_module.read_launch_env(env) == ((3, 1, 4), None)
+    assert train_module.read_launch_env({}) == ((0, 0, 1), None)
+    assert train_module.read_launch_env({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}) == ((0, 0, 1), None)
+
+
+def test_under_torchrun_rank_0_alone_prints_a_bad_flag(capsys, monkeypatch):
+    for rank in (0, 1):
+        for k, v in {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), **TORCHRUN}.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as exit:
+            main(["--batch-size", "many"])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and (err.startswith("error: ") and err.count("\n") == 1 if rank == 0 else err == "")
+
+
+def preempt(data_dir, out, signum, *flags):
+    """A run signalled after its first validation line (the loop is running then) -> (status, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *FAST, "--data", str(data_dir), "--out", str(out),
+                             "--max-steps", "300", "--eval-interval", "1", *flags], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 1: val loss"):
+            break
+    proc.send_signal(signum)
+    out_text, err = proc.communicate(timeout=120)
+    return proc.returncode, out_text, err
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_preemption_finishes_the_step_saves_and_exits_128_plus_the_signal(data_dir, tmp_path, name):
+    import signal
+    signum = getattr(signal, name)
+    status, _, err = preempt(data_dir, tmp_path / "out", signum)
+    m = re.fullmatch(rf"terminated by {name} after step (\d+): stopped, .* keeps the checkpoint of step (\d+); "
+                     r"continue with --resume\n", err)
+    assert m and m[1] == m[2] and one_line(err, 128 + signum) and status == 128 + signum, (status, err)
+    assert json.loads((tmp_path / "out" / "train_state.json").read_text())["step"] == int(m[1]) < 300
+
+
+def test_preempted_torchrun_ranks_stop_after_the_same_step_with_rank_0s_checkpoint(data_dir, tmp_path):
+    """SIGTERM to torchrun, which forwards it to both ranks: they agree on one step, rank 0 saves
+    it, and one line says so (torchrun's own report of the signal follows; it is not ours)."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py",
+                             *FAST, "--batch-size", "4", "--data", str(data_dir), "--out", str(tmp_path), "--max-steps",
+                             "300", "--eval-interval", "1"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 1: val loss"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    steps = re.findall(r"terminated by SIGTERM after step (\d+): stopped, .* keeps the checkpoint of step \1;", err)
+    assert len(steps) == 1, err[-3000:]
+    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == int(steps[0])
+
+
+def test_preempted_run_resumes_bit_exactly(data_dir, tmp_path, monkeypatch):
+    """SIGTERM during step 2 of 4: the run saves step 2 and exits 143; --resume then ends with the
+    state of an uninterrupted run."""
+    import signal
+    flags = [*FAST, "--data", str(data_dir), "--max-steps", "4", "--save-interval", "100"]
+    main([*flags, "--out", str(tmp_path / "straight")])
+    schedule = train_module.schedule
+
+    def signalled(step, a):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop holds it until the step ends
+        return schedule(step, a)
+    monkeypatch.setattr(train_module, "schedule", signalled)
+    with pytest.raises(SystemExit) as exit:
+        main([*flags, "--out", str(tmp_path / "split")])
+    assert exit.value.code == 143
+    assert json.loads((tmp_path / "split" / "train_state.json").read_text())["step"] == 2
+    monkeypatch.setattr(train_module, "schedule", schedule)
+    main(["--resume", "--out", str(tmp_path / "split")])
+    a, b = (load_file(tmp_path / run / "train_state.safetensors") for run in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_before_the_first_save_does_not_offer_resume(capsys, data_dir, tmp_path, monkeypatch):
+    def interrupted(step, a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "schedule", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        main([*FAST, "--data", str(data_dir), "--out", str(tmp_path / "out"), "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 130 and err.count("\n") == 1 and "no checkpoint written" in err
+    assert "--resume" not in err and "run the same command again" in err
+
+
+def closed_pipe():
+    r, w = os.pipe()
+    os.close(r)  # no reader: the first write gets EPIPE
+    return w
+
+
+@pytest.mark.parametrize("sink, status, word", [("closed pipe", 141, "Broken pipe"), ("/dev/full", 1, "No space left")])
+def test_training_with_a_broken_stdout_stops_with_a_checkpoint(data_dir, tmp_path, sink, status, word):
+    """`train.py | head` or `> log` on a full disk: one line on stderr, the checkpoint of the step
+    the failure was seen in, the conventional status (141 = 128 + SIGPIPE; 1), no traceback."""
+    fd = closed_pipe() if sink == "closed pipe" else os.open("/dev/full", os.O_WRONLY)
+    r = script("train.py", *FAST, "--data", data_dir, "--out", tmp_path / "out", "--max-steps", 50, stdout=fd)
+    os.close(fd)
+    assert one_line(r.stderr, status, r).startswith(f"error: cannot write to stdout ({word}") and "step 1" in r.stderr
+    assert json.loads((tmp_path / "out" / "train_state.json").read_text())["step"] == 1
+
+
+@pytest.mark.parametrize("sink, status", [("closed pipe", 141), ("/dev/full", 1)])
+def test_infer_with_a_broken_stdout_or_stderr_is_one_line(ckpt, sink, status):
+    for stream in ("stdout", "stderr"):
+        fd = closed_pipe() if sink == "closed pipe" else os.open("/dev/full", os.O_WRONLY)
+        r = script("infer.py", "--ckpt", ckpt, "--max-new-tokens", 20, **{stream: fd})
+        os.close(fd)
+        line = r.stderr if stream == "stdout" else r.stdout.splitlines(keepends=True)[-1]  # on the other stream
+        assert r.returncode == status and line.startswith(f"error: cannot write to {stream}"), (r.returncode, r.stderr)
+        assert "Traceback" not in (r.stderr or "") + (r.stdout or "")
+        if stream == "stdout":
+            one_line(r.stderr, status, r)
+
+
+def test_progress_bar_on_a_terminal_stderr_results_on_stdout(data_dir, tmp_path):
+    """`train.py > log` keeps the curve: the first line, the validation lines and the last line go
+    to stdout, the bar to stderr (and only where stderr is a terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns for the bar
+    r = script("train.py", *FAST, "--data", data_dir, "--out", tmp_path / "out", "--max-steps", 2,
+               "--eval-interval", 1, stderr=terminal)
+    os.close(terminal)
+    os.set_blocking(master, False)
+    bar = os.read(master, 1 << 16).decode(errors="replace")
+    os.close(master)
+    assert r.returncode == 0 and "2/2" in bar and "val loss" not in bar
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == ["tiny", "step 1", "step 2", "step 2"]
+
+
+def test_missing_data_beside_an_existing_checkpoint_names_the_data(capsys, saved_run, tmp_path):
+    out = copy_run(saved_run, tmp_path / "out")
+    err = train_error(capsys, *FAST, "--data", tmp_path / "nowhere", "--out", out)
+    assert "no such file" in err and "--overwrite" not in err
+
+
+def test_resume_with_another_thread_count_says_it_is_not_exact(capsys, saved_run, tmp_path):
+    out = copy_run(saved_run, tmp_path / "out")
+    assert json.loads((out / "train_state.json").read_text())["threads"] == 1  # the one_thread fixture
+    torch.set_num_threads(2)
+    try:
+        main(["--resume", "--out", str(out), "--max-steps", "2"])
+    finally:
+        torch.set_num_threads(1)
+    assert "used 1 CPU threads and this resume 2" in capsys.readouterr().out
+
+
+def test_training_memory_check_counts_activations_and_names_the_largest_batch(capsys, data_dir, tmp_path, monkeypatch):
+    """Room for weights, gradients and AdamW (the old check) and 5 sequences of activations: a
+    batch of 64 is refused before anything is allocated, and 5 is named, by the dry run's count."""
+    args = ModelArgs.from_preset("tiny")
+    mem = lambda b: model_module.training_memory(args, b, 256, False, "math", 1.0)  # float32 on CPU: math attention
+    have = mem(5)["peak"] + 1
+    assert mem(64)["weights"] + mem(64)["gradients"] + mem(64)["AdamW moments"] < have < mem(6)["peak"]
+    monkeypatch.setattr(model_module, "available_memory", lambda device: have)
+    err = train_error(capsys, *FAST, "--seq-len", 256, "--batch-size", 64, "--data", data_dir, "--out", tmp_path)
+    assert "activations" in err and "the largest --batch-size that fits is 5" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--top-p", "1e-320"], "1.175e-38"), (["--temperature", "1e39"], "3.403e+38"), (["--top-p", "1e-39"], "1.175e-38")])
+def test_sampling_values_float32_cannot_hold_are_one_line_errors(capsys, ckpt, flags, word):
+    """--top-p 1e-320 passed the parser, became 0 in float32, masked every token and printed NUL bytes."""
+    code, out, err = run_main(capsys, "--ckpt", ckpt, *flags)
+    one_line_error(code, out, err)
+    assert word in err
+
+
+def test_smallest_accepted_top_p_keeps_the_top_token():
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert probs(logits, 1.0, train_module.FLOAT32.tiny).tolist() == [[0.0, 1.0, 0.0]]
+
+
+@pytest.fixture
+def ckpt_copy(ckpt, tmp_path):
+    return copy_run(Path(ckpt), tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json", "model.safetensors.index.json"])
+def test_special_files_beside_the_weights_are_refused_without_blocking(ckpt_copy, name):
+    """A FIFO in place of any file infer.py reads: refused at once (a blocking read would hang)."""
+    (ckpt_copy / name).unlink(missing_ok=True)
+    os.mkfifo(ckpt_copy / name)
+    r = script("infer.py", "--ckpt", ckpt_copy, "--max-new-tokens", 2)
+    assert "not a regular file" in one_line(r.stderr, 2, r) and r.stdout == ""
+
+
+def test_tokenizer_of_another_vocabulary_or_encoding_to_nothing_is_one_line(capsys, tmp_path):
+    tok = byte_bpe()
+    path = save_tiny(tmp_path / "small", vocab_size=256 + 4)  # merges get ids 260 and up
+    tok.save(os.path.join(path, "tokenizer.json"))
+    code, out, err = run_main(capsys, "--ckpt", path, "--prompt", "def fibonacci(n):\n    return n\n")
+    one_line_error(code, out, err)
+    assert "outside the model's vocabulary" in err and "tokenizer.json" in err
+    tokenizers = pytest.importorskip("tokenizers")
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    words.save(os.path.join(path, "tokenizer.json"))
+    code, out, err = run_main(capsys, "--ckpt", path, "--prompt", "   ")
+    one_line_error(code, out, err)
+    assert "encodes to no tokens" in err
+
+
+def test_prompt_file_is_read_as_bytes_from_a_bounded_regular_file(capsys, ckpt, tmp_path):
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"a\r\nb")
+    code, out, err = run_main(capsys, "--ckpt", ckpt, "--prompt-file", crlf, "--max-new-tokens", 2)
+    assert code == 0 and out.startswith("a\r\nb") and int(SUMMARY.search(err)[1]) == 4  # the bytes training reads
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(infer.PROMPT_FILE_BYTES + 1)  # sparse: costs no disk
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    for path, word in ((huge, "larger than 16 mib"), ("/dev/zero", "not a regular file"),
+                       (tmp_path / "fifo", "not a regular file"), (tmp_path / "latin1.txt", "not utf-8")):
+        code, out, err = run_main(capsys, "--ckpt", ckpt, "--prompt-file", path)
+        one_line_error(code, out, err)
+        assert word in err.lower()
+
+
+def test_a_tensor_in_two_safetensors_files_is_named(tmp_path):
+    save_tiny(tmp_path)
+    save_file({"lm_head.weight": load_file(tmp_path / "model.safetensors")["lm_head.weight"]},
+              tmp_path / "model-extra.safetensors")
+    with pytest.raises(CheckpointError, match="tensor lm_head.weight is in both model-extra.safetensors and "
+                                              "model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.fixture
+def study(monkeypatch, data_dir):
+    """docs/ablations.py with one config and one seed, FAST runs on data_dir and small domains."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    import ablations
+    sys.path.remove(str(ROOT / "docs"))
+    flags = ablations.train_flags
+    monkeypatch.setattr(ablations, "CONFIGS", {"aux-free": []})
+    monkeypatch.setattr(ablations, "SEEDS", (0,))
+    monkeypatch.setattr(ablations, "train_flags", lambda *args: [*flags(*args), *FAST, "--data", str(data_dir)])
+    docs = load_documents(str(data_dir))[0]
+    monkeypatch.setattr(ablations, "domains", lambda: {"code": docs * 8, "prose": docs[:6] * 16, "other": docs[6:] * 16})
+    return ablations
+
+
+def test_ablations_follow_out_refuse_other_steps_and_redo_a_torn_loads_file(capsys, study, tmp_path):
+    published = {f: (ROOT / "docs" / f).read_bytes() for f in ("ablations.md", "ablations.json")}
+    out = tmp_path / "study"
+    study.main(["--steps", "2", "--out", str(out)])
+    meta = json.loads((out / "ablations.json").read_text())["meta"]
+    assert meta["steps"] == 2 and meta["batch_size"] == 2 and "2 steps of 2 x 256" in (out / "ablations.md").read_text()
+    assert {f: (ROOT / "docs" / f).read_bytes() for f in published} == published  # no --publish: docs/ untouched
+    capsys.readouterr()
+    run = out / "aux-free-s0"
+    before = run_bytes(run)
+    with pytest.raises(SystemExit) as exit:  # resuming would train nothing and publish "3 steps"
+        study.main(["--steps", "3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "--steps 2 (this study: 3)" in err
+    assert run_bytes(run) == before
+    (run / "expert_loads.json").write_bytes(before["expert_loads.json"][:100])  # torn by a kill
+    study.main(["--steps", "2", "--out", str(out)])
+    assert json.loads((run / "expert_loads.json").read_text()) == json.loads(before["expert_loads.json"])
+    assert (run / "train_state.safetensors").read_bytes() == before["train_state.safetensors"]  # not retrained
+
+
+def test_ctrl_c_in_the_ablation_study_is_train_pys_one_line(tmp_path):
+    import signal
+    proc = subprocess.Popen([sys.executable, "docs/ablations.py", "--steps", "300", "--batch-size", "1", "--out",
+                             str(tmp_path)], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("tiny:"):  # train.py is running
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+
+
+def test_plot_ablations_without_matplotlib_or_a_study_is_one_line(tmp_path):
+    no_matplotlib = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.argv[1:] = {argv!r}; "
+                     "runpy.run_path('docs/plot_ablations.py', run_name='__main__')")
+    r = script("-c", no_matplotlib.format(argv=[]))
+    assert "pip install matplotlib" in one_line(r.stderr, 2, r)
+    r = script("docs/plot_ablations.py", "--study", tmp_path / "none.json")
+    assert "--study" in one_line(r.stderr, 2, r)
 
 
 # ============================================================================ README quick start

@@ -15,8 +15,9 @@ Part 1, the recipe (§4.1-4.2), in the order a step meets it:
     data .................. documents -> one shuffled stream per epoch -> packed rows -> batches
     schedule, evaluation .. LR and MTP weight λ by step; validation bits per byte
     train_step, train ..... one optimizer step (losses, clip, AdamW, bias update); the loop
-Part 2, the harness: command line and presets, balancing modes, distributed helpers, checkpoints
-    and resume, the run's files (metrics, progress, out/ lock), dry run, main.
+Part 2, the harness: command line and presets, balancing modes, distributed helpers (the torchrun
+    environment), signals and output streams, checks, checkpoints and resume, the run's files
+    (metrics, progress, preemption, out/ lock), dry run, main.
 
 Default data: the running Python's standard library (.py files; site-packages and tests left
 out). 2.5% of the files, picked by a hash of their path, are held out for validation. out/ gets
@@ -37,16 +38,23 @@ import stat
 import sys
 import sysconfig
 import time
+import warnings
 from pathlib import Path
 
 
-def exit_quietly_on_ctrl_c():
-    """Ctrl-C while torch loads: one line and exit 130, no traceback (main restores the default)."""
-    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted while starting", file=sys.stderr), os._exit(130)))
+def exit_quietly_on_signals():
+    """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line and exit 128 + the signal's number, no
+    traceback (main installs the handlers of the run)."""
+    def leave(signum, frame):
+        with contextlib.suppress(OSError):
+            os.write(2, f"error: {'interrupted' if signum == signal.SIGINT else 'terminated'} while starting\n".encode())
+        os._exit(128 + signum)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, leave)
 
 
 if __name__ == "__main__":
-    exit_quietly_on_ctrl_c()
+    exit_quietly_on_signals()
 
 import torch
 import torch.nn.functional as F
@@ -361,9 +369,23 @@ def bias_update_speed(a, margs):
 
 # ----------------------------------------------------------------------------------------------
 # Command line (infer.py uses its helpers too)
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
+def die(msg, every_rank=False):
+    """One line, `error: <what is wrong>; <the fix>`, and exit 2. Under torchrun every rank meets
+    the same bad flag or file: rank 0 alone says it, unless the error is the rank's own."""
+    where, _ = read_launch_env()
+    if every_rank or where is None or where[0] == 0:
+        tell(f"error: {msg}")
     sys.exit(2)
+
+
+def tell(line):
+    """A line for the user on stderr, or on stdout where stderr can no longer be written."""
+    for stream in (sys.stderr, sys.stdout):
+        if stream is not None and getattr(stream, "error", None) is None:
+            with contextlib.suppress(StreamFailed):
+                print(line, file=stream, flush=True)
+            if getattr(stream, "error", None) is None:
+                return
 
 
 def one_line(e):
@@ -376,13 +398,25 @@ class Parser(argparse.ArgumentParser):
         die(f"{message} (see python {self.prog} --help)")
 
 
+FLOAT32 = torch.finfo(torch.float32)  # bfloat16 has the same exponent range
+
+
 def number(kind, low, high=math.inf, strict=False):
-    """argparse type: a finite number >= low (> low if strict), <= high."""
+    """argparse type: a finite number >= low (> low if strict), <= high. Every float flag reaches
+    float32 (or bfloat16) arithmetic, so a float must also be 0 or keep its value there: at least
+    float32's smallest normal number (1.2e-38; below it a value turns subnormal or 0, and e.g.
+    --top-p 1e-320 becomes 0 and masks every token) and at most its largest."""
     def parse(s):
         v = kind(s)
         if v < low or (strict and v == low) or not v <= high or v == math.inf:
             bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
             raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
+        if kind is float and v != 0 and abs(v) < FLOAT32.tiny:
+            zero = "0 or " if low < 0 or low == 0 and not strict else ""
+            raise argparse.ArgumentTypeError(f"must be {zero}at least {FLOAT32.tiny:.4g} (float32's smallest normal "
+                                             f"number; smaller ones become 0 in the computation), got {s}")
+        if kind is float and abs(v) > FLOAT32.max:
+            raise argparse.ArgumentTypeError(f"must be <= {FLOAT32.max:.4g} (float32's largest number), got {s}")
         return v
     parse.__name__ = kind.__name__  # so argparse says "invalid int value" for text
     return parse
@@ -413,7 +447,8 @@ def get_parser():
     add("--mtp", type=number(int, 0, 16), help="multi-token prediction depth, 0 disables it (default: the preset's)")
     add("--mtp-weight", type=nonneg, default=0.3, help="MTP loss weight λ before --decay-start (§4.2; default: 0.3)")
     add("--mtp-weight-late", type=nonneg, default=0.1, help="λ after --decay-start (§4.2; default: 0.1)")
-    add("--bias-update-speed", type=nonneg, help="γ of the aux-loss-free routing bias update (default: the preset's; §4.2: 0.001)")
+    add("--bias-update-speed", type=fraction, help="γ of the aux-loss-free routing bias update, at most 1, the range "
+        "of the sigmoid scores it shifts (default: the preset's; §4.2: 0.001)")
     add("--no-bias-update", action="store_true", help="γ = 0: freeze the routing bias (ablation)")
     add("--balance", choices=list(BALANCE), default="aux-free", help="expert load balancing: "
         + "; ".join(f"{k} = {v[0]}" for k, v in BALANCE.items()) + " (default: %(default)s)")
@@ -494,16 +529,65 @@ def pick_device(name):
 
 # ----------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun: one process per rank, each the identity in one process)
+LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun sets all three in every rank it starts
+
+
+def read_launch_env(env=None):
+    """Am I a rank of a torchrun launch, and which? -> ((rank, local rank, world size), None), with
+    (0, 0, 1) where none of the launcher's variables is set, or (None, what is wrong) for a partial
+    or inconsistent set: a RANK=1 left in the shell must not make a plain run a silent rank 1 that
+    skips out/'s lock. Every rank-0-only guard (the lock, the printing, the saving) goes by it."""
+    env = os.environ if env is None else env
+    given = [k for k in LAUNCH_VARS if k in env]
+    if not given and "TORCHELASTIC_RUN_ID" not in env:  # TORCHELASTIC_RUN_ID: torchrun's own marker
+        return (0, 0, 1), None
+    unset = "unset " + " ".join(k for k in (*LAUNCH_VARS, "TORCHELASTIC_RUN_ID") if k in env)
+    if len(given) < len(LAUNCH_VARS):
+        have = " and ".join(f"{k}={env[k]}" for k in given) or f"TORCHELASTIC_RUN_ID={env['TORCHELASTIC_RUN_ID']}"
+        missing = " and ".join(k for k in LAUNCH_VARS if k not in env)
+        return None, (f"{have} set without {missing} (left over from another launch?); {unset} "
+                      "to run as one process, or start with torchrun")
+    values = " ".join(f"{k}={env[k]}" for k in LAUNCH_VARS)
+    try:
+        world, rank, local = (int(env[k]) for k in LAUNCH_VARS)
+    except ValueError:
+        return None, f"{values}: not integers; {unset} to run as one process, or start with torchrun"
+    if not (world >= 1 and 0 <= local <= rank < world):
+        return None, f"{values} do not fit together (0 <= LOCAL_RANK <= RANK < WORLD_SIZE); {unset}, or start with torchrun"
+    if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        return None, (f"{values} without MASTER_ADDR and MASTER_PORT: no launcher started this process; "
+                      f"start it with torchrun --nproc-per-node {world}, or {unset} to run as one process")
+    return (rank, local, world), None
+
+
+def launch_env():
+    """-> (rank, local rank, world size) of this process, or a one-line error (see read_launch_env)."""
+    where, problem = read_launch_env()
+    if problem:
+        die(problem, every_rank=True)
+    return where
+
+
 def init_distributed(device):
     """Under torchrun (WORLD_SIZE > 1) each process is one rank: gloo on CPU, NCCL on CUDA (one GPU
     per rank). -> (rank, world size, this rank's device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local, world = launch_env()
     if world == 1:
         return 0, 1, device
     import torch.distributed as dist
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # train.py keeps each rank's expert loads its own with DDP(broadcast_buffers=False); torch 2.13
+    # deprecates that flag, but its replacement still syncs buffers at init, and its warning itself
+    # says to keep the flag for rank-local buffers: so the warning is silenced, not the flag changed
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    if device.type == "cuda" and local >= torch.cuda.device_count():
+        die(f"rank {rank}: LOCAL_RANK {local}, but {torch.cuda.device_count()} CUDA GPUs are visible; start at "
+            "most one rank per GPU (torchrun --nproc-per-node)", every_rank=True)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (RuntimeError, ValueError) as e:  # e.g. MASTER_PORT taken, or a peer that never came
+        die(f"rank {rank}: cannot join the torchrun group ({one_line(e)}); start the run with torchrun", every_rank=True)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     return dist.get_rank(), world, device
 
@@ -530,6 +614,15 @@ def all_mean(values, world, device):
     return (t / world).tolist()
 
 
+def all_max(value, world, device):
+    """The largest of an integer over the ranks."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
+
 def all_sum(tensors, world):
     """Sum each tensor over the ranks, in place."""
     for t in tensors if world > 1 else ():
@@ -540,6 +633,114 @@ def synchronized_time(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals and output streams: a scheduler's SIGTERM, a closed pipe, a full disk under `> log`
+TERMINATE = (signal.SIGTERM, signal.SIGHUP)  # a scheduler preempting the job; a closed terminal
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP raised as Ctrl-C is, so that every place that reports Ctrl-C reports it."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def interruption(e):
+    """A KeyboardInterrupt -> (what happened, exit status 128 + the signal's number)."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    return ("interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"), 128 + signum
+
+
+class StreamFailed(Exception):
+    """Raised by a guarded stream that was asked to (infer.py: nobody reads the text any more)."""
+
+
+class Guarded:
+    """sys.stdout or sys.stderr of the scripts. A write that fails (the reader of a pipe gone, a full
+    disk under `> log`) raises nothing, or StreamFailed once where `fatal`: the stream goes quiet,
+    its descriptor is pointed at /dev/null (what is still buffered drains there, also at exit,
+    instead of a second error), and `error` keeps the OSError for the one line at the end."""
+
+    def __init__(self, stream, fatal=False):
+        self.stream, self.fatal, self.error = stream, fatal, None
+        if stream is None:  # started with the descriptor closed (`>&-`): Python made it None
+            self.stream, self.error = open(os.devnull, "w"), OSError(9, "closed")
+
+    def write(self, text):
+        if self.error is None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError) as e:  # ValueError: written after a close
+                self.fail(e)
+        return len(text)
+
+    def flush(self):
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError) as e:
+                self.fail(e)
+
+    def fail(self, e):
+        self.error = e if isinstance(e, OSError) else OSError(9, "closed")
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        if self.fatal:
+            raise StreamFailed(self.error)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+def guard_streams(fatal=False):
+    """Wrap sys.stdout and sys.stderr in Guarded; stdout flushes at each line, so that a log file
+    follows the run and a failing write shows at the line that failed."""
+    for fd in (1, 2):  # a descriptor closed at start: /dev/null on it, so no file opened later takes it
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(line_buffering=True)
+    sys.stdout, sys.stderr = Guarded(sys.stdout, fatal), Guarded(sys.stderr, fatal)
+
+
+def stream_failure():
+    """-> (name, OSError) of the first of stdout and stderr that could not be written, or None."""
+    for name in ("stdout", "stderr"):
+        e = getattr(getattr(sys, name), "error", None)
+        if e is not None:
+            return name, e
+    return None
+
+
+def stream_status(e):
+    """Exit status for a stream that failed with OSError e: 141 for a closed pipe (128 + SIGPIPE, as
+    a process that SIGPIPE kills reports it), 1 for anything else (a full disk, an I/O error)."""
+    return 128 + signal.SIGPIPE if isinstance(e, BrokenPipeError) else 1
+
+
+def stream_problem(name, e):
+    return f"cannot write to {name} ({e.strerror or e})"
+
+
+def exit_if_streams_failed(done=""):
+    """At the end of a script: flush; if a stream failed, one line on the other and its exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, StreamFailed):
+            stream.flush()
+    if failed := stream_failure():
+        tell(f"error: {stream_problem(*failed)}; what was printed after that is lost{done}")
+        sys.exit(stream_status(failed[1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,13 +812,32 @@ def check_run(a, margs, train_docs, skipped, rank, world):
     if world > 1 and rows < a.batch_size:
         die(f"--data: {rows} rows of {a.seq_len} tokens, fewer than one --batch-size {a.batch_size} to split over "
             f"{world} ranks; lower --batch-size or --seq-len, or give more text")
-    mem = training_memory(margs, a.batch_size, a.seq_len)  # the dry run's count; its weights part is a floor
-    if short := memory_shortfall(mem["weights"] + mem["gradients"] + mem["AdamW moments"], a.device):
-        die(f"--preset {a.preset}: training (float32 weights, gradients and AdamW moments; activations not counted) "
-            f"{short}; choose a smaller --preset (python train.py --dry-run --preset {a.preset} shows the memory)")
+    check_memory(a, margs, world)
     if a.device.type == "cpu":  # deterministic kernels make --resume bit-exact: with 2+ threads
         torch.use_deterministic_algorithms(True)  # the backward of x[idx] (MoE dispatch) sums in racy order
         torch.utils.deterministic.fill_uninitialized_memory = False  # exactness needs no NaN-filled empty()
+
+
+def check_memory(a, margs, world):
+    """Refuse a run whose step does not fit the device, by the dry run's estimator (weights,
+    gradients, AdamW moments, activations, logits), on this device's attention and precision. The
+    expert rows are counted exactly (N*K), not padded as the dry run assumes: a floor, so that a
+    run is refused only where it cannot fit. Names the largest --batch-size that fits."""
+    autocast = a.dtype == "bfloat16" and not a.fp8
+    attention = "fused" if a.device.type == "cuda" or margs.qk_head_dim == margs.v_head_dim else "math"  # CPU: math
+    peak = lambda b: training_memory(margs, b, a.seq_len, autocast, attention, 1.0, a.grad_accum)["peak"]
+    per_rank = a.batch_size // world
+    if not (short := memory_shortfall(peak(per_rank), a.device)):
+        return
+    low, high = 0, 1 if memory_shortfall(peak(1), a.device) else per_rank  # peak(low) fits (0: none), peak(high) not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if memory_shortfall(peak(mid), a.device) is None else (low, mid)
+    fix = (f"the largest --batch-size that fits is {low * world}" if low else
+           f"not even --batch-size {world} fits; choose a smaller --preset or a lower --seq-len")
+    die(f"--batch-size {a.batch_size} x --seq-len {a.seq_len} of --preset {a.preset}: training (weights, gradients, "
+        f"AdamW moments and activations, as --dry-run counts them) {short}; {fix} "
+        f"(python train.py --dry-run --preset {a.preset} shows the memory)")
 
 
 class NotFinite(Exception):
@@ -764,19 +984,23 @@ class Run:
     """What the loop reads back and writes out. Rank 0 alone logs and saves; every rank resumes."""
 
     def __init__(self, a, margs, model, optimizer, param_names, train_docs, val_docs, rank, world):
-        self.a, self.model, self.optimizer, self.lead = a, model, optimizer, rank == 0
+        self.a, self.model, self.optimizer, self.lead, self.world = a, model, optimizer, rank == 0, world
         self.data = dict(files=len(train_docs), bytes=sum(map(len, train_docs)))
         state = load_checkpoint(a.out, model, optimizer, param_names) if a.resume else dict(step=0, epoch=0, batch=0)
         if a.resume and state.get("data") != self.data:
             self.say(f"warning: the training data changed since the checkpoint ({state.get('data')} -> {self.data}); "
                      "resume is not exact")
+        threads = torch.get_num_threads()  # CPU sums split by thread: another count rounds them otherwise
+        if a.resume and a.device.type == "cpu" and state.get("threads", threads) != threads:
+            self.say(f"warning: the run used {state['threads']} CPU threads and this resume {threads}, so it is not "
+                     f"bit-exact; set OMP_NUM_THREADS={state['threads']} for an exact resume")
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.saved_step = self.step if a.resume else None
         self.stop, self.tokens_per_step = min(a.stop_at or a.max_steps, a.max_steps), a.batch_size * a.seq_len * a.grad_accum
         args = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}  # what the checkpoint carries
         self.state = dict(seed=a.seed, args=args, schedule={k: args[k] for k in (
             "max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac", "mtp_weight", "mtp_weight_late")},
-            data=self.data, model=margs.to_dict(), param_names=param_names)
+            data=self.data, model=margs.to_dict(), param_names=param_names, threads=threads)
         self.metrics = self.open_metrics(kept_metrics(os.path.join(a.out, "metrics.jsonl"), self.step) if a.resume else [])
         self.say(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {a.device} "
                  f"({a.dtype}); {len(train_docs)} train / {len(val_docs)} val files, {self.data['bytes'] / 1e6:.2f}M / "
@@ -785,9 +1009,13 @@ class Run:
                  + f"; first checkpoint at step {min(self.stop, (self.step // a.save_interval + 1) * a.save_interval)}")
         self.times = []
 
-    def say(self, *args, **kw):
+    def say(self, *args, **kw):  # results and warnings: stdout
         if self.lead:
             print(*args, **kw)
+
+    def tell(self, line):  # what stopped the run: stderr
+        if self.lead:
+            tell(line)
 
     def open_metrics(self, kept):
         """metrics.jsonl as of the checkpoint (lines logged after it dropped), open for appending."""
@@ -810,42 +1038,85 @@ class Run:
                    maxvio_mean=logs["maxvio_mean"], maxvio_max=logs["maxvio_max"], epoch=batches.epoch)
         if "val_loss" in logs:
             rec.update(val_loss=logs["val_loss"], val_bpb=logs["val_loss"] / math.log(2))
-            self.pbar.write(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte, {rec['val_bpb']:.4f} bits/byte")
+            self.pbar.write(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte, {rec['val_bpb']:.4f} bits/byte",
+                            file=sys.stdout)  # a result: stdout, while the bar is on stderr
         self.last = rec
-        if not self.lead:
+        if self.lead:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+            self.pbar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{rec['lr']:.2e}",
+                                  maxvio=f"{rec['maxvio_max']:.2f}")
+            self.pbar.update()
+            if step % self.a.save_interval == 0 or step == self.stop:
+                self.save(step, batches)
+        self.stop_if_asked(step, batches)
+
+    def save(self, step, batches):
+        save_checkpoint(self.a.out, self.model, self.optimizer,
+                        dict(step=step, epoch=batches.epoch, batch=batches.index, **self.state, metrics=self.last))
+        self.saved_step = step
+
+    def stop_if_asked(self, step, batches):
+        """After each step: a SIGTERM or SIGHUP (a scheduler preempting the job), or a stdout or
+        stderr that can no longer be written, stops the run here with a checkpoint of this step, so
+        that it loses nothing. The ranks agree first (the largest exit status of any rank), so that
+        all stop after the same step, and wait for rank 0's save before they exit."""
+        failed = stream_failure()
+        status = 128 + self.signum if self.signum else stream_status(failed[1]) if failed else 0
+        status = all_max(status, self.world, self.a.device)
+        if not status:
             return
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
-        self.pbar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}", lr=f"{rec['lr']:.2e}",
-                              maxvio=f"{rec['maxvio_max']:.2f}")
-        self.pbar.update()
-        if step % self.a.save_interval == 0 or step == self.stop:
-            save_checkpoint(self.a.out, self.model, self.optimizer,
-                            dict(step=step, epoch=batches.epoch, batch=batches.index, **self.state, metrics=rec))
-            self.saved_step = step
+        if self.lead and self.saved_step != step:
+            self.save(step, batches)
+        self.pbar.close()
+        signum = status - 128 if status - 128 in TERMINATE else None
+        why = (f"terminated by {signal.Signals(signum).name}" if signum else
+               f"error: {stream_problem(*failed)}" if failed else "error: another rank cannot write its output")
+        self.tell(f"{why} after step {step}: stopped, {self.on_disk()}; continue with --resume")
+        if self.world > 1:  # every rank waits for rank 0's save; then out as leave_distributed does
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(status)
+        sys.exit(status)
 
     def on_disk(self):
         return (f"{self.a.out}/ keeps the checkpoint of step {self.saved_step}" if self.saved_step is not None
                 else "no checkpoint written")
 
+    def again(self):
+        return "continue with --resume" if self.saved_step is not None else "run the same command again"
+
     @contextlib.contextmanager
     def progress(self):
-        """Around the loop: its progress bar, and its failures as one line each, with what the
-        checkpoint on disk holds."""
-        self.pbar = tqdm(total=self.stop, initial=self.step, file=sys.stdout, dynamic_ncols=True, disable=not self.lead)
+        """Around the loop: its progress bar (on stderr, and only where stderr is a terminal), SIGTERM
+        and SIGHUP held until the step ends (stop_if_asked; a repeat changes nothing: torchrun
+        forwards the scheduler's SIGTERM to ranks that may have had it already; Ctrl-C stops at
+        once), and the loop's failures as one line each, with what the checkpoint on disk holds."""
+        self.pbar = tqdm(total=self.stop, initial=self.step, file=sys.stderr, dynamic_ncols=True,
+                         disable=True if not self.lead else None)  # None: off where stderr is not a terminal
+        self.signum = None
+
+        def hold(signum, frame):
+            self.signum = self.signum or signum
+        held = {s: signal.signal(s, hold) for s in TERMINATE}
         try:
             yield
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             self.pbar.close()
-            self.say(f"interrupted at step {self.step}, {self.on_disk()}; continue with --resume", file=sys.stderr)
-            sys.exit(130)
+            what, status = interruption(e)
+            self.tell(f"{what} at step {self.step}, {self.on_disk()}; {self.again()}")
+            sys.exit(status)
         except NotFinite as e:
             self.pbar.close()
             die(f"{e} at step {self.step + 1}; stopped, {self.on_disk()}; lower --lr or use --dtype float32")
         except (OSError, SafetensorError) as e:  # only writes do I/O in the loop: disk full, a file-size limit, permissions
             self.pbar.close()
             die(f"cannot write to {self.a.out}/ at step {self.step} ({getattr(e, 'strerror', None) or one_line(e)}); "
-                f"{self.on_disk()}; free space or fix permissions, then continue with --resume")
+                f"{self.on_disk()}; free space or fix permissions, then {self.again()}")
+        finally:
+            for s, handler in held.items():
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
     def finish(self):
         self.pbar.close()
@@ -862,7 +1133,7 @@ def claim_out(a):
     checkpoint unless --overwrite (which deletes that checkpoint and its metrics first, so that a
     kill before the first save cannot leave the old checkpoint beside the new run's metrics).
     -> the open lock file (closing it releases the lock); under torchrun rank 0 alone takes it."""
-    if int(os.environ.get("RANK", "0")):
+    if launch_env()[0]:
         return contextlib.nullcontext()
     try:
         lock = open(os.path.join(a.out, ".lock"), "a")
@@ -965,8 +1236,10 @@ def main(argv=None):
     a, margs = parse_args(argv)
     if a.dry_run:
         return dry_run(a, margs)
+    launch_env()  # a leftover RANK or a partial torchrun environment: refused before anything
     if a.seq_len > margs.max_seq_len:
         die(f"--seq-len {a.seq_len} exceeds the preset's max_seq_len {margs.max_seq_len}; lower --seq-len")
+    find_files(a.data)  # inputs before outputs: a missing --data is the error, not out/'s checkpoint
     try:
         os.makedirs(a.out, exist_ok=True)
     except OSError as e:
@@ -976,9 +1249,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C raises KeyboardInterrupt,
+    for s in TERMINATE:                                       # SIGTERM and SIGHUP Terminated (the loop holds them)
+        signal.signal(s, raise_terminated)
+    guard_streams()  # a closed or full stdout/stderr never stops training (Run.stop_if_asked saves first)
     try:
         main()
-    except KeyboardInterrupt:  # during start-up or the final sample; the training loop reports its own
-        print("error: interrupted; the checkpoint in --out is as its last save left it", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # during start-up or the final sample; the training loop reports its own
+        what, status = interruption(e)
+        tell(f"error: {what}; the checkpoint in --out is as its last save left it")
+        sys.exit(status)
+    exit_if_streams_failed()

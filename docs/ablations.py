@@ -2,13 +2,16 @@
 The report's ablations in miniature (DeepSeek-V3 §4.5): every balancing mode of train.py's
 --balance, and multi-token prediction off (--mtp 0), two seeds each, on the tiny preset.
 
-    python docs/ablations.py                 # ~35 min on 2 busy CPU cores; finished runs are skipped
+    python docs/ablations.py --publish       # ~35 min on 2 busy CPU cores; finished runs are skipped
     python docs/plot_ablations.py            # the pictures (needs matplotlib)
+    python docs/ablations.py --steps 4 --out /tmp/smoke   # a smoke run: its results stay in /tmp/smoke
 
-Each run trains with train.py into out/ablations/<config>-s<seed>/ (a killed run continues from
-its last checkpoint), then routes held-out text of three domains through the trained model and
-counts each expert's share of the tokens per MoE layer and domain. The table goes to
-docs/ablations.md, the numbers behind it and the pictures to docs/ablations.json.
+Each run trains with train.py into <--out>/<config>-s<seed>/ (default out/ablations; a killed
+or preempted run continues from its last checkpoint, a folder holding a run of other flags, e.g.
+another --steps, is refused), then routes held-out text of three domains through the trained
+model and counts each expert's share of the tokens per MoE layer and domain. The table goes to
+<--out>/ablations.md, the numbers behind it and the pictures to <--out>/ablations.json; --publish
+also writes them to docs/, the study the README shows.
 
 Specialisation: per layer, the total variation distance 1/2 sum_i |p_d(i) - p_d'(i)| between
 the expert-load distributions p_d of two domains, averaged over the pairs of domains and then
@@ -16,11 +19,11 @@ over the layers: 0 when every domain uses the experts alike, 1 when no two share
 "within" is the same measure between two halves of each domain's own text: the level that
 differences in content alone, not in domain, reach.
 """
-import argparse
 import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -31,8 +34,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from model import MoE, Transformer  # noqa: E402
-from train import STDLIB_SKIP, load_documents, val_batches  # noqa: E402
+import train as train_py  # noqa: E402
+from model import MoE, Transformer, atomic_write  # noqa: E402
+from train import (NOT_SAVED, STDLIB_SKIP, Parser, die, guard_streams, interruption, load_documents,  # noqa: E402
+                   positive_int, read_checkpoint, tell, thread_count, val_batches)
 
 CONFIGS = {  # name -> train.py flags; the paper's default first
     "aux-free": [],
@@ -50,21 +55,56 @@ def run_name(config, seed):
     return f"{config.replace(', ', '-').replace(' ', '-')}-s{seed}"
 
 
+def train_flags(config, seed, out, steps, batch_size):
+    return ["--preset", "tiny", "--device", "cpu", "--seq-len", "256",
+            "--max-steps", str(steps), "--eval-interval", str(max(1, steps // 10)), "--eval-batches", "8",
+            "--batch-size", str(batch_size),
+            "--save-interval", "100", "--sample-bytes", "0", "--seed", str(seed), "--out", str(out),
+            *CONFIGS[config]]
+
+
+def saved_state(out):
+    """The scalars of the run's checkpoint (train.py checks them), or None before its first save."""
+    return read_checkpoint(out, False)[0] if (out / "train_state.safetensors").exists() else None
+
+
 def train(config, seed, out, steps, batch_size, threads):
-    """Train one run unless finished; continue a killed one from its checkpoint."""
-    state = out / "train_state.json"
-    step = json.loads(state.read_text())["step"] if state.exists() else 0
-    if step >= steps:
-        return
-    flags = (["--resume", "--out", str(out)] if step else
-             ["--preset", "tiny", "--device", "cpu", "--seq-len", "256",
-              "--max-steps", str(steps), "--eval-interval", str(max(1, steps // 10)), "--eval-batches", "8",
-              "--batch-size", str(batch_size),
-              "--save-interval", "100", "--sample-bytes", "0", "--seed", str(seed), "--out", str(out),
-              *CONFIGS[config]])
+    """Train one run unless finished; continue a killed one from its checkpoint. A checkpoint of
+    other flags (another --steps: its schedule spans other steps) is refused, not resumed."""
+    flags = train_flags(config, seed, out, steps, batch_size)
+    state = saved_state(out)
+    if state is not None:
+        want = {k: v for k, v in vars(train_py.parse_args(flags)[0]).items() if k not in NOT_SAVED | {"out"}}
+        flag = lambda k: "--steps" if k == "max_steps" else f"--{k.replace('_', '-')}"
+        differ = [f"{flag(k)} {state['args'][k]} (this study: {v})" for k, v in want.items()
+                  if k in state["args"] and state["args"][k] != v]
+        if differ:
+            die(f"{out} holds a run with {', '.join(differ)}; give another --out, or delete {out} to train it anew")
+        if state["step"] >= steps:
+            return
+        flags = ["--resume", "--out", str(out)]
     print(f"== {out.name}: train.py {' '.join(flags)}", flush=True)
-    subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    run_train(flags, threads)
+
+
+def run_train(flags, threads):
+    """train.py in a process group of its own, so that a signal reaches it once, from here: Ctrl-C,
+    and a scheduler's SIGTERM or SIGHUP, which train.py answers by saving and stopping. Its exit
+    status becomes the study's, with its one line (or one here if a signal killed it)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    signals = (signal.SIGINT, *train_py.TERMINATE)
+    previous = {s: signal.signal(s, lambda signum, frame: proc.send_signal(signum)) for s in signals}
+    try:
+        status = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if status < 0:
+        tell(f"error: train.py was killed by {signal.Signals(-status).name}; run the same command again to continue")
+        sys.exit(128 - status)
+    if status:
+        sys.exit(status)  # train.py said why in one line
 
 
 def domains():
@@ -121,13 +161,23 @@ def specialisation(loads):
     return float(torch.stack(tv).mean())
 
 
-def summarise(config, seed, out):
+def read_loads(out, step):
+    """expert_loads.json if it is whole and of the checkpoint's step, else None (compute it again)."""
+    try:
+        loads = json.loads((out / "expert_loads.json").read_bytes())
+        return loads if loads.get("step") == step and {"loads", "halves"} <= loads.keys() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def summarise(config, seed, out, state):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = len(lines)
     late = lines[int(steps * (1 - LATE)):]
     rates = sorted(r["tokens_per_s"] for r in lines[1:])
-    loads = json.loads((out / "expert_loads.json").read_text())
-    return dict(config=config, seed=seed, flags=CONFIGS[config], steps=steps,
+    loads = read_loads(out, state["step"])
+    return dict(config=config, seed=seed, flags=CONFIGS[config], steps=steps, batch_size=state["args"]["batch_size"],
+                threads=state.get("threads"),
                 val_bpb=[r["val_bpb"] for r in lines if "val_bpb" in r][-1],
                 maxvio_late=sum(r["maxvio_mean"] for r in late) / len(late),
                 specialisation=specialisation(list(loads["loads"].values())),
@@ -166,37 +216,60 @@ def table(runs, meta):
     return "\n".join(out) + "\n"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default: 200)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences of 256 bytes per step (default: 4)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run: 1 is the fastest on a "
+def what_ran(runs, key):
+    """One value of a run's setting if all runs share it, else each run's (the table says what ran)."""
+    values = [r[key] for r in runs]
+    return values[0] if len(set(values)) == 1 else " / ".join(map(str, values))
+
+
+def main(argv=None):
+    p = Parser(prog="docs/ablations.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps per run (default: 200)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences of 256 bytes per step (default: 4)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads per run: 1 is the fastest on a "
                    "busy 2-core machine (default: 1)")
-    p.add_argument("--out", default=str(ROOT / "out" / "ablations"), help="folder of the runs (default: out/ablations)")
-    a = p.parse_args()
+    p.add_argument("--out", default=str(ROOT / "out" / "ablations"),
+                   help="folder of the runs, and of the table and numbers (default: out/ablations)")
+    p.add_argument("--publish", action="store_true", help="also write the table and numbers to docs/ablations.md "
+                   "and docs/ablations.json, the study the README shows")
+    a = p.parse_args(argv)
     t0, texts, runs = time.time(), None, []
     for config in CONFIGS:
         for seed in SEEDS:
             out = Path(a.out, run_name(config, seed))
             train(config, seed, out, a.steps, a.batch_size, a.threads)
-            if not (out / "expert_loads.json").exists():
+            state = saved_state(out)
+            if read_loads(out, state["step"]) is None:  # missing, torn, or of an earlier checkpoint
                 texts = texts or domains()
                 torch.set_num_threads(a.threads)
                 loads, halves = expert_loads(Transformer.from_pretrained(out), texts)
-                (out / "expert_loads.json").write_text(json.dumps(dict(loads=loads, halves=halves)))
-            runs.append(summarise(config, seed, out))
+                atomic_write(out / "expert_loads.json", lambda path: Path(path).write_text(
+                    json.dumps(dict(step=state["step"], loads=loads, halves=halves))))
+            runs.append(summarise(config, seed, out, state))
             print(f"== {out.name}: " + ", ".join(f"{k} {runs[-1][k]:.4g}" for k in
                   ("val_bpb", "maxvio_late", "specialisation", "within", "tokens_per_s")), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    meta = dict(commit=commit + ("+changes" if dirty else ""), machine=machine(), steps=a.steps, batch_size=a.batch_size,
-                threads=a.threads,
+    meta = dict(commit=commit + ("+changes" if dirty else ""), machine=machine(), steps=what_ran(runs, "steps"),
+                batch_size=what_ran(runs, "batch_size"), threads=what_ran(runs, "threads"),
                 date=datetime.date.today().isoformat(), wall_min=(time.time() - t0) / 60,
                 specialisation="mean over layers of the mean over domain pairs of the total variation distance")
-    (ROOT / "docs" / "ablations.md").write_text(table(runs, meta))
-    (ROOT / "docs" / "ablations.json").write_text(json.dumps(dict(meta=meta, runs=runs)))
-    print((ROOT / "docs" / "ablations.md").read_text())
+    md, study = table(runs, meta), json.dumps(dict(meta=meta, runs=runs))
+    for folder in [Path(a.out)] + ([ROOT / "docs"] if a.publish else []):
+        atomic_write(folder / "ablations.md", lambda path: Path(path).write_text(md))
+        atomic_write(folder / "ablations.json", lambda path: Path(path).write_text(study))
+    print(md + f"(table and numbers in {a.out}/ablations.md and .json" + (", and in docs/" if a.publish else "") + ")")
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in train_py.TERMINATE:
+        signal.signal(s, train_py.raise_terminated)
+    guard_streams()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # while routing text through a model: train.py's runs report their own
+        what, status = interruption(e)
+        tell(f"error: {what}; finished runs are kept: run the same command again to continue")
+        sys.exit(status)
+    train_py.exit_if_streams_failed()

@@ -1,16 +1,23 @@
 """
-Draw the ablation study's pictures from docs/ablations.json (written by docs/ablations.py):
+Draw the ablation study's pictures from an ablations.json (written by docs/ablations.py), into
+the folder that holds it:
 
     pip install matplotlib                    # optional, only for this script
-    python docs/plot_ablations.py             # -> docs/maxvio.png, docs/val_bpb.png, docs/expert_load.png
+    python docs/plot_ablations.py             # docs/ablations.json -> docs/maxvio.png, val_bpb.png, expert_load.png
+    python docs/plot_ablations.py --study /tmp/smoke/ablations.json   # -> /tmp/smoke/*.png
 """
+import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:  # main says so in one line
+    plt = None
 
 DOCS = Path(__file__).resolve().parent
 SMOOTH = 10  # MaxVio is drawn as a moving average over this many steps
@@ -23,6 +30,14 @@ def moving_average(xs, n):
         total += x - (xs[i - n] if i >= n else 0.0)
         out.append(total / min(i + 1, n))
     return out
+
+
+def save(fig, path):
+    """To a temporary name, then renamed: a kill leaves the previous picture, not a torn one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def curves(study, key, step_key, ylabel, title, path):
@@ -40,8 +55,7 @@ def curves(study, key, step_key, ylabel, title, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def heatmaps(study, path):
@@ -67,19 +81,40 @@ def heatmaps(study, path):
     fig.colorbar(im, ax=axes, shrink=0.8, label="load / even load")
     fig.suptitle("Held-out tokens per expert and domain, seed 0 (1 = an even share; 4 = every token of the "
                  "domain picks the expert)", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
-def main():
-    study = json.loads((DOCS / "ablations.json").read_text())
-    steps = study["meta"]["steps"]
+def die(msg):  # train.py's one line and exit status 2, without importing torch for it
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        die(f"{message} (see python {self.prog} --help)")
+
+
+def main(argv=None):
+    p = Parser(prog="docs/plot_ablations.py", description="Draw the ablation study's pictures beside its numbers.")
+    p.add_argument("--study", default=str(DOCS / "ablations.json"), help="the numbers, written by docs/ablations.py "
+                   "(default: docs/ablations.json); the pictures go to its folder")
+    a = p.parse_args(argv)
+    try:
+        study = json.loads(Path(a.study).read_bytes())
+        steps = study["meta"]["steps"]
+    except OSError as e:
+        die(f"--study {a.study}: {e.strerror}; run python docs/ablations.py first, or pass its ablations.json")
+    except (ValueError, KeyError, TypeError):
+        die(f"--study {a.study}: not the ablations.json of docs/ablations.py; run it again to write one")
+    if plt is None:
+        die("docs/plot_ablations.py needs matplotlib, which requirements.txt leaves out: pip install matplotlib")
+    folder = Path(a.study).parent
     curves(study, "maxvio", "step", f"MaxVio (mean over MoE layers, {SMOOTH}-step average)",
-           f"Expert load imbalance per training step ({steps} steps, tiny preset)", DOCS / "maxvio.png")
+           f"Expert load imbalance per training step ({steps} steps, tiny preset)", folder / "maxvio.png")
     curves(study, "val_bpb", "val_step", "validation bits/byte",
-           f"Held-out standard-library code ({steps} steps, tiny preset)", DOCS / "val_bpb.png")
-    heatmaps(study, DOCS / "expert_load.png")
-    print("wrote docs/maxvio.png, docs/val_bpb.png, docs/expert_load.png")
+           f"Held-out standard-library code ({steps} steps, tiny preset)", folder / "val_bpb.png")
+    heatmaps(study, folder / "expert_load.png")
+    print(f"wrote {folder}/maxvio.png, val_bpb.png and expert_load.png")
 
 
 if __name__ == "__main__":
