@@ -1974,6 +1974,47 @@ def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
         assert torch.equal(got[name, "one row"], plain[:1])
 
 
+def test_redundant_placement_by_hand():
+    """Per layer the most loaded experts get a copy on the least loaded other rank with room
+    (ceil(R / n) copies a rank); an expert whose other ranks are full is passed over, an
+    unloaded one gets none. Two ranks, experts 0-3 at home on rank 0, 4-7 on rank 1."""
+    load = torch.tensor([30, 20, 0, 0, 0, 1, 0, 0])       # rank 0: 50 pairs, rank 1: 1
+    home = [(0,)] * 4 + [(1,)] * 4
+    R1, R2, R8 = (model_module.redundant_placement([load], R, 2)[0] for R in (1, 2, 8))
+    assert R1 == [(0, 1)] + home[1:]
+    # R = 2: room 1 a rank; expert 1 (home 0) finds rank 1 full, expert 5 (home 1) goes to rank 0
+    assert R2 == [(0, 1)] + home[1:5] + [(1, 0)] + home[6:]
+    # R = 8: room 4; after expert 0 the expected loads are 35 / 16, so expert 1 goes to rank 1 too
+    assert R8 == [(0, 1), (0, 1)] + home[2:5] + [(1, 0)] + home[6:]
+    with pytest.raises(ValueError, match="distinct ranks"):
+        model_module.shard(random_model(), 0, 2, [[(0, 0)] * 8] * 3)
+
+
+def test_redundant_experts_compute_each_pair_once_and_split_a_hot_experts_pairs_evenly():
+    """Each rank of a placement with copies computes its share of the routed sum: the shares add
+    up to the one-process experts' output, and the pairs of a duplicated expert split between
+    its copies within one (41 pairs of expert 3: 21 on its home rank 0, 20 on rank 1)."""
+    model = random_model()
+    torch.manual_seed(0)
+    x, weights = torch.randn(41, 64), torch.rand(41, 2)
+    idx = torch.stack([torch.full((41,), 3), torch.randint(4, 8, (41,))], 1)      # expert 3 in every token
+    full = model.layers[1].ffn.experts(x, weights, idx)
+    placement = [[(0,), (0,), (0,), (0, 1), (1,), (1,), (1,), (1,)]] * 3
+    total, counts = 0, []
+    for rank in range(2):
+        part = model_module.shard(random_model(), rank, 2, placement)
+        experts = part.layers[1].ffn.experts
+        assert experts.held == ([0, 1, 2, 3] if rank == 0 else [3, 4, 5, 6, 7])
+        assert torch.equal(experts.w1[experts.held.index(3)], model.layers[1].ffn.experts.w1[3])
+        total = total + experts(x, weights, idx)
+        counts.append(model_module.expert_load(part))
+    assert rel(total, full) < 1e-6
+    per_expert, placed, home = counts[0]  # of the 3 MoE layers (2 main, 1 MTP), the first ran
+    assert per_expert[0].tolist() == idx.flatten().bincount(minlength=8).tolist()
+    assert home[0].tolist() == [41, 41] and placed[0].tolist() == [21, 20 + 41]  # the second pairs: experts 4-7
+    assert placed[1:].sum() == 0 and all(torch.equal(c[1], placed) for c in counts)  # every rank counts the same
+
+
 def test_torchrun_infer_prints_what_one_process_prints(ckpt):
     """`torchrun --nproc-per-node 2 infer.py`: rank 0 streams the same sampled text as one process
     (every rank samples with the same seed); the other rank prints nothing."""
@@ -2027,6 +2068,10 @@ def test_weight_bytes_per_rank_of_the_tiny_preset_on_two_ranks_by_hand():
         d = 0 if ".experts." in name else model_module.split_dim(name, args.n_layers)
         cut = [n // 2 if i == d else n for i, n in enumerate(one[name].shape)]
         assert list(p.shape) == cut, name
+    # --redundant-experts 3 on 2 ranks: room for 2 copies a rank per MoE layer, 2 more experts
+    with_copies = model_module.weight_bytes_per_rank(args, 2, n_redundant=3)
+    assert with_copies == {"routed experts": 4 * experts, "redundant experts": 4 * moe_blocks * 2 * 3 * D * 128,
+                           **{k: parts[k] for k in list(parts)[1:]}}
 
 
 # ============================================================================ README quick start
