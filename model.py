@@ -1179,14 +1179,15 @@ def home_placement(n_experts, world_size):
 
 def redundant_placement(loads, n_redundant, world_size):
     """Redundant experts (§3.4, prefilling: "duplicates high-load experts and deploys them
-    redundantly", 32 of them, one more expert on each of 32 GPUs). loads: per MoE layer, the
-    (E,) pairs routed to each expert on a calibration text (expert_load). In each layer the
-    n_redundant most loaded experts get a second copy, each on the rank with the least expected
-    load (its pairs, half of a duplicated expert's moved to the copy) among those other than the
-    expert's home with room left; room is ceil(n_redundant / n) copies a rank, so the ranks' memory
-    stays even, as in the report. An expert whose other ranks are all full is passed over for
-    the next one; unloaded experts get no copy. The report also re-arranges the home experts
-    within a node; here they stay where home_placement puts them. -> a placement for shard."""
+    redundantly", 32 of them, one more expert on each of 32 GPUs, "striving to balance the load
+    across GPUs"). loads: per MoE layer, the (E,) pairs routed to each expert on a calibration
+    text (expert_load). Each layer goes down its experts from the most loaded and gives one a
+    second copy on the rank of least expected load (its pairs, with half of each copied expert's
+    moved to the copy) among the ranks other than its home with room left, if that rank then
+    stays below the home's load (else the copy would raise the busiest rank, not lower it),
+    until n_redundant copies; unloaded experts get none. Room is ceil(n_redundant / n) copies a
+    rank, so the ranks' memory stays even, as in the report. The report also re-arranges the
+    home experts within a node; here they stay where home_placement puts them. -> a placement."""
     room = -(-n_redundant // world_size)
     placement = []
     for load in loads:
@@ -1198,13 +1199,14 @@ def redundant_placement(loads, n_redundant, world_size):
         for e in load.argsort(descending=True, stable=True).tolist():
             if added == n_redundant or load[e] == 0:
                 break
-            free = [r for r in range(world_size) if r != place[e][0] and extra[r] < room]
-            if free:
-                r = min(free, key=lambda r: (float(expected[r]), r))
+            home, half = place[e][0], load[e] / 2
+            free = [r for r in range(world_size) if r != home and extra[r] < room]
+            r = min(free, key=lambda r: (float(expected[r]), r), default=None)
+            if r is not None and expected[r] + half < expected[home]:
                 place[e].append(r)
                 extra[r], added = extra[r] + 1, added + 1
-                expected[place[e][0]] -= load[e] / 2
-                expected[r] += load[e] / 2
+                expected[home] -= half
+                expected[r] += half
         placement.append([tuple(p) for p in place])
     return placement
 

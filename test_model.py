@@ -2083,6 +2083,9 @@ def _parallel_worker(rank, world, folder, tokens):
         results[name, "greedy"] = model.generate(tokens, 8)
         results[name, "speculative"] = model.generate(tokens, 8, speculative=True)
         results[name, "one row"] = model.generate(tokens[:1], 8)  # 1 token x 2 experts < 4: the decode branch
+        copies = [[(0, 1)] + [(0,)] * 3 + [(1, 0)] + [(1,)] * 3] * 3  # experts 0 and 5 on both ranks
+        results[name, "redundant"] = Transformer.from_pretrained(folder / name, rank=rank, world_size=world,
+                                                                 placement=copies)(tokens)
     if rank == 0:
         torch.save(results, folder / "parallel.pt")
     leave_distributed(world)  # as the scripts leave: see its docstring
@@ -2092,7 +2095,8 @@ def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
     """Two gloo ranks: each loads only its slice of every split projection (heads of wq_b, wkv_b,
     wo; FFN width; vocabulary) and its half of the routed experts. Its weights equal that slice
     of the one-process model; logits and greedy continuations (plain and speculative) equal
-    one process's, from a float32 and from an FP8 block-scaled checkpoint."""
+    one process's, from a float32 and from an FP8 block-scaled checkpoint; so do the logits with
+    two experts a layer copied to the other rank (redundant experts, each rank reading its copies)."""
     model = random_model(**PARALLEL)
     model.save_pretrained(tmp_path / "float32")
     _write_fp8_checkpoint(model, tmp_path / "fp8")
@@ -2111,24 +2115,27 @@ def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
     got = torch.load(tmp_path / "parallel.pt")
     for name in ("float32", "fp8"):
         one = Transformer.from_pretrained(tmp_path / name)
-        assert rel(got[name], one(tokens)) < 1e-5
+        assert rel(got[name], one(tokens)) < 1e-5 and rel(got[name, "redundant"], one(tokens)) < 1e-5
         plain = one.generate(tokens, 8)
         assert torch.equal(got[name, "greedy"], plain) and torch.equal(got[name, "speculative"], plain)
         assert torch.equal(got[name, "one row"], plain[:1])
 
 
 def test_redundant_placement_by_hand():
-    """Per layer the most loaded experts get a copy on the least loaded other rank with room
-    (ceil(R / n) copies a rank); an expert whose other ranks are full is passed over, an
-    unloaded one gets none. Two ranks, experts 0-3 at home on rank 0, 4-7 on rank 1."""
-    load = torch.tensor([30, 20, 0, 0, 0, 1, 0, 0])       # rank 0: 50 pairs, rank 1: 1
+    """Going down the experts by load, each gets a copy on the least loaded other rank with room
+    (ceil(R / n) copies a rank) if that rank stays below the home's expected load (half of the
+    expert's pairs move); else it is passed over; an unloaded expert gets none."""
+    load = torch.tensor([30, 20, 0, 0, 0, 1, 0, 0])       # 2 ranks: experts 0-3 on rank 0 (50 pairs), 4-7 on 1 (1)
     home = [(0,)] * 4 + [(1,)] * 4
     R1, R2, R8 = (model_module.redundant_placement([load], R, 2)[0] for R in (1, 2, 8))
-    assert R1 == [(0, 1)] + home[1:]
-    # R = 2: room 1 a rank; expert 1 (home 0) finds rank 1 full, expert 5 (home 1) goes to rank 0
-    assert R2 == [(0, 1)] + home[1:5] + [(1, 0)] + home[6:]
-    # R = 8: room 4; after expert 0 the expected loads are 35 / 16, so expert 1 goes to rank 1 too
+    assert R1 == [(0, 1)] + home[1:]                       # expected loads 35 / 16
+    # R = 2, room 1 a rank: expert 1 finds rank 1 full; expert 5's copy would leave rank 0 at 35.5 > 16
+    assert R2 == R1
+    # R = 8, room 4: expert 1 to rank 1 (25 / 26 < 35), then expert 5 to rank 0 (25.5 < 26)
     assert R8 == [(0, 1), (0, 1)] + home[2:5] + [(1, 0)] + home[6:]
+    # 4 ranks of 2 experts, rank 0 at 70: its two experts go to the two idle ranks, 1 then 2
+    R2 = model_module.redundant_placement([torch.tensor([40, 30, 0, 0, 0, 0, 10, 0])], 2, 4)[0]
+    assert R2 == [(0, 1), (0, 2), (1,), (1,), (2,), (2,), (3,), (3,)]
     with pytest.raises(ValueError, match="distinct ranks"):
         model_module.shard(random_model(), 0, 2, [[(0, 0)] * 8] * 3)
 
