@@ -190,9 +190,9 @@ def bench(model, ids, a):
 
 
 # ----------------------------------------------------------------------------------------------
-# Perplexity-based multiple choice (§4.4.1, "Evaluation Configurations"): the report scores its
-# base model on HellaSwag, PIQA, WinoGrande, RACE, MMLU, ARC, C-Eval, CMMLU... by the likelihood
-# of each answer choice given the context, the most likely choice taken as the answer.
+# Perplexity-based multiple choice (§4.4.1): the report scores its base model on HellaSwag, PIQA,
+# WinoGrande, RACE, MMLU, ARC, C-Eval, CMMLU... by the likelihood of each answer choice given the
+# context, the most likely choice taken as the answer.
 
 @dataclass
 class Item:
@@ -349,7 +349,8 @@ def get_parser():
                         '{"context", "choices", "answer"} (the choices follow the context as written) or HellaSwag\'s '
                         '{"ctx", "endings", "label"} (joined by a space, as the harness does); also read: "query" '
                         'for the context, "label" or "gold" for the answer (a 0-based index, a number or a string of '
-                        "digits). `code`: the built-in task, the true next line of held-out standard-library code "
+                        "digits); a context too long for the model with its longest choice loses its start (said on "
+                        "stderr). `code`: the built-in task, the true next line of held-out standard-library code "
                         "among 4")
     add("--fim-prefix", help="fill in the middle (§4.1, PSM): the text before the hole")
     add("--fim-suffix", help="fill in the middle: the text after the hole")
@@ -375,8 +376,9 @@ def get_parser():
         'log-likelihoods (nats), "bytes": the choices\' lengths, "pred", "pred_norm", "label"}')
     add("--eval-batch-size", type=positive_int, default=32, help="with --eval: items per forward (default: 32)")
     add("--redundant-experts", type=count, default=0, metavar="R", help="under torchrun (§3.4, redundant experts): "
-        "copy the R most loaded experts of each MoE layer, by the load of the prompt's prefill, to the least "
-        "loaded ranks; the same output, a more even load (printed per rank); with --dry-run, their memory")
+        "copy up to R of the most loaded experts of each MoE layer, by the load of the prompt's prefill, to the "
+        "least loaded ranks, where a copy lowers the busiest rank; the same output, a more even load (printed "
+        "per rank); with --dry-run, their memory")
     add("--dry-run", type=positive_int, nargs="?", const=1, metavar="RANKS", help="print the memory per rank of "
         "serving --ckpt (only its config.json is read; or a preset name, e.g. deepseek-v3) on RANKS ranks, load nothing")
     return p
