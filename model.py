@@ -627,9 +627,9 @@ class Transformer(nn.Module):
         save_pretrained(self, path, **kw)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, rank=0, world_size=1):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, rank=0, world_size=1, placement=None):
         """Load a folder in the published layout; see load_pretrained() in "Checkpoint I/O"."""
-        return load_pretrained(path, device, dtype, rank, world_size)
+        return load_pretrained(path, device, dtype, rank, world_size, placement)
 
 
 # ==============================================================================================
@@ -842,10 +842,10 @@ def expert_backend(is_cuda, dtype, n_pairs, n_experts, fp8, compiling, widths):
 def fast_experts(self, x, weights, idx):
     """Experts.forward through the back-ends above; same arguments and result as the loop."""
     (N, K), E = idx.shape, self.w1.size(0)
-    first = getattr(self, "first", None)  # expert parallel (see shard): experts [first, first + E)
-    if first is not None:                 # local ids; another rank's expert gets id E, weight 0
-        mine = (idx >= first) & (idx < first + E)
-        idx, weights = torch.where(mine, idx - first, E), weights * mine
+    parallel = getattr(self, "placement", None) is not None  # expert parallel (see shard)
+    if parallel:  # local ids of this rank's pairs; another rank's pair gets id E, weight 0
+        idx = local_pairs(self, idx)
+        weights = weights * (idx < E)
     fp8 = ("stored" if self.w1.dtype == FP8_DTYPE else
            "train" if getattr(self, "fp8_train", False) and torch.is_grad_enabled() else None)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -856,7 +856,7 @@ def fast_experts(self, x, weights, idx):
     flat = idx.flatten()                             # (N*K,) one entry per token-expert pair
     order = flat.argsort(stable=True)                # pairs grouped by expert, id E last
     counts = flat.bincount(minlength=E)[:E]
-    if first is not None:
+    if parallel:
         order = order[:int(counts.sum())]            # drop the other ranks' pairs
     if backend == "padded":
         expert = flat[order]
@@ -1121,16 +1121,19 @@ def sample(logits, temperature=0.0, top_p=1.0, top_k=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parallelism for inference (§3.4): tensor-parallel attention and FFN, expert-parallel MoE,
-# applied to a built model (as gpt-fast's apply_tp does): each rank keeps its slice of the split
-# weights, and forward hooks add up the ranks' partial outputs. Training uses data parallelism
-# (train.py). Under torchrun, with the process group initialised.
+# Parallelism for inference (§3.4): tensor-parallel attention and FFN, expert-parallel MoE with
+# redundant experts, applied to a built model (as gpt-fast's apply_tp does): each rank keeps its
+# slice of the split weights and the experts a placement gives it, and forward hooks add up the
+# ranks' partial outputs. Training uses data parallelism (train.py). Under torchrun, with the
+# process group initialised.
 
-def shard(model, rank, world_size):
+def shard(model, rank, world_size, placement=None):
     """Keep rank's part of `model` (of world_size ranks), best on the meta device before loading:
     attention: heads [r H/n, (r+1) H/n): rows of wq (or wq_b) and wkv_b, columns of wo;
     dense FFN and shared experts: 1/n of the width: rows of w1 and w3, columns of w2;
-    routed experts: [r E/n, (r+1) E/n); output head: 1/n of the vocabulary rows.
+    routed experts: those that `placement` puts on rank r, one tuple of ranks per expert per MoE
+    layer (default home_placement: [r E/n, (r+1) E/n); redundant_placement adds copies);
+    output head: 1/n of the vocabulary rows.
     Replicated: embedding, norms, router, wq_a, wkv_a (so the latent cache), MTP eh_proj."""
     a = model.args
     splits = dict(n_heads=a.n_heads, vocab_size=a.vocab_size, inter_dim=a.inter_dim,
@@ -1141,6 +1144,9 @@ def shard(model, rank, world_size):
                              "use a number of ranks that divides it")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+    experts = [m for m in model.modules() if isinstance(m, Experts)]  # main layers, then MTP
+    placement = placement or [home_placement(a.n_routed_experts, world_size)] * len(experts)
+    check_placement(placement, len(experts), a.n_routed_experts, world_size)
 
     def keep(module, name, dim):  # this rank's 1/world_size of a parameter along dim
         p = getattr(module, name)
@@ -1151,13 +1157,15 @@ def shard(model, rank, world_size):
         module, _, leaf = name.rpartition(".")
         if (d := split_dim(name, a.n_layers)) is not None:
             keep(model.get_submodule(module), leaf, d)
+    for m, place in zip(experts, placement):  # whole experts: local slot j holds expert held[j]
+        m.placement, m.rank, m.world_size = place, rank, world_size
+        m.held = [e for e, ranks in enumerate(place) if rank in ranks]
+        for name in ("w1", "w2", "w3"):
+            p = getattr(m, name)
+            setattr(m, name, nn.Parameter(p[m.held].clone(), requires_grad=p.requires_grad))
     for m in model.modules():
         if isinstance(m, MLA):
             m.n_heads //= world_size
-        elif isinstance(m, Experts):  # whole experts per rank
-            m.first = rank * (m.w1.size(0) // world_size)
-            for name in ("w1", "w2", "w3"):
-                keep(m, name, 0)
         elif isinstance(m, Block):
             m.attn.register_forward_hook(all_reduce)
             m.ffn.register_forward_hook(all_reduce)
@@ -1178,6 +1186,114 @@ def all_gather_vocab(module, inputs, y):
     parts = [torch.empty_like(y) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, y.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+# Expert placement. A placement gives each routed expert of a MoE layer the ranks that hold a
+# copy of it, the first its home. Every rank routes every token (the router is replicated), so
+# every rank knows every (token, expert) pair, and one rule, the same on all ranks, says which
+# copy computes it: no pair is computed twice or dropped, and no routing is sent between ranks.
+
+def home_placement(n_experts, world_size):
+    """Expert e on rank e // (E/n) alone: n contiguous ranges."""
+    per = n_experts // world_size
+    return [(e // per,) for e in range(n_experts)]
+
+
+def redundant_placement(loads, n_redundant, world_size):
+    """Redundant experts (§3.4, prefilling: "duplicates high-load experts and deploys them
+    redundantly", 32 of them, one more expert on each of 32 GPUs, "striving to balance the load
+    across GPUs"). loads: per MoE layer, the (E,) pairs routed to each expert on a calibration
+    text (expert_load). Each layer goes down its experts from the most loaded and gives one a
+    second copy on the rank of least expected load (its pairs, with half of each copied expert's
+    moved to the copy) among the ranks other than its home with room left, if that rank then
+    stays below the home's load (else the copy would raise the busiest rank, not lower it),
+    until n_redundant copies; unloaded experts get none. Room is ceil(n_redundant / n) copies a
+    rank, so the ranks' memory stays even, as in the report. The report also re-arranges the
+    home experts within a node; here they stay where home_placement puts them. -> a placement."""
+    room = -(-n_redundant // world_size)
+    placement = []
+    for load in loads:
+        load = load.double().cpu()
+        E = load.numel()
+        place = [list(p) for p in home_placement(E, world_size)]
+        expected = load.view(world_size, -1).sum(1)                              # (n,) pairs per rank
+        extra, added = [0] * world_size, 0
+        for e in load.argsort(descending=True, stable=True).tolist():
+            if added == n_redundant or load[e] == 0:
+                break
+            home, half = place[e][0], load[e] / 2
+            free = [r for r in range(world_size) if r != home and extra[r] < room]
+            r = min(free, key=lambda r: (float(expected[r]), r), default=None)
+            if r is not None and expected[r] + half < expected[home]:
+                place[e].append(r)
+                extra[r], added = extra[r] + 1, added + 1
+                expected[home] -= half
+                expected[r] += half
+        placement.append([tuple(p) for p in place])
+    return placement
+
+
+def check_placement(placement, n_layers, n_experts, world_size):
+    if len(placement) != n_layers or any(len(p) != n_experts for p in placement):
+        raise ValueError(f"a placement needs {n_layers} MoE layers of {n_experts} experts each")
+    for p in placement:
+        for ranks in p:
+            if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < world_size for r in ranks):
+                raise ValueError(f"placement {ranks}: each expert needs one or more distinct ranks "
+                                 f"in [0, {world_size})")
+
+
+def local_pairs(self, idx):
+    """Expert parallel: idx (N, K) expert ids of the (token, expert) pairs -> the local ids (N, K)
+    of the pairs this rank computes (its slot of the expert), E_local for the rest. A pair of an
+    expert with c copies goes to copy o mod c, o the pair's order among that expert's pairs in
+    this call (token-major): every rank computes the same o, so each pair runs on exactly one
+    rank, and a duplicated expert's pairs split evenly (within one) between its copies. Counts
+    the pairs too, per expert and per rank (expert_load); not inside a compiled step."""
+    E = len(self.placement)
+    ranks, copies, slot = placement_tables(self, idx.device)
+    flat = idx.flatten()                                               # (P,) P = N*K
+    order = flat.argsort(stable=True)
+    count = flat.bincount(minlength=E)                                 # (E,)
+    o = torch.empty_like(flat)
+    o[order] = torch.arange(flat.numel(), device=idx.device) - (count.cumsum(0) - count)[flat[order]]
+    by = ranks[flat, o % copies[flat]]                                 # (P,) the rank computing each pair
+    if not torch.compiler.is_compiling():
+        n, old = self.world_size, getattr(self, "counted", None)
+        new = count, torch.stack([by.bincount(minlength=n), ranks[flat, 0].bincount(minlength=n)])
+        self.counted = new if old is None else (old[0] + new[0], old[1] + new[1])
+    return torch.where(by == self.rank, slot[flat], self.w1.size(0)).view_as(idx)
+
+
+def placement_tables(self, device):
+    """The placement as tensors, made once per device: ranks (E, most copies), the copies' ranks
+    (padded with the home); copies (E,); slot (E,), the local slot of each expert (E_local where
+    this rank holds none)."""
+    if getattr(self, "tables", None) is None or self.tables[0].device != device:
+        p, width = self.placement, max(map(len, self.placement))
+        ranks = torch.tensor([r + r[:1] * (width - len(r)) for r in p], device=device)
+        slot = torch.full((len(p),), len(self.held), device=device)
+        slot[self.held] = torch.arange(len(self.held), device=device)
+        self.tables = ranks, torch.tensor([len(r) for r in p], device=device), slot
+    return self.tables
+
+
+def reset_expert_load(model):
+    """Forget the pairs that local_pairs counted."""
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.counted = None
+
+
+def expert_load(model):
+    """The pairs counted since reset_expert_load, per MoE layer: per expert (L, E); per rank as
+    the placement sends them (L, n); per rank if every expert had its first copy only (L, n)."""
+    counted = [(getattr(m, "counted", None), m) for m in model.modules()
+               if isinstance(m, Experts) and getattr(m, "placement", None) is not None]
+    counted = [c or (torch.zeros(len(m.placement), dtype=torch.long), torch.zeros(2, m.world_size, dtype=torch.long))
+               for c, m in counted]
+    per_expert, per_rank = (torch.stack([c[i].cpu() for c in counted]) for i in (0, 1))
+    return per_expert, per_rank[:, 0], per_rank[:, 1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1490,15 +1606,15 @@ def save_pretrained(model, path, max_shard_bytes=4 << 30):
     atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
 
 
-def meta_model(args, rank=0, world_size=1, dtype=torch.float32):
-    """The model as rank `rank` of world_size holds it, on the meta device (nothing allocated):
-    high-precision tensors in dtype, or FP8 projections when dtype is float8_e4m3fn (bfloat16
-    for the rest). The routing bias stays float32."""
+def meta_model(args, rank=0, world_size=1, dtype=torch.float32, placement=None):
+    """The model as rank `rank` of world_size holds it (its experts as `placement` puts them, see
+    shard), on the meta device (nothing allocated): high-precision tensors in dtype, or FP8
+    projections when dtype is float8_e4m3fn (bfloat16 for the rest). The routing bias stays float32."""
     keep_fp8 = dtype == FP8_DTYPE
     with torch.device("meta"):
         model = Transformer(replace(args, fp8_weights=False))
         if world_size > 1:
-            shard(model, rank, world_size)
+            shard(model, rank, world_size, placement)
         if keep_fp8:
             use_fp8(model, store=True)
     model.args = replace(args, fp8_weights=keep_fp8)
@@ -1508,11 +1624,12 @@ def meta_model(args, rank=0, world_size=1, dtype=torch.float32):
     return model
 
 
-def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=1):
+def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=1, placement=None):
     """Load a published-layout folder. FP8 weights are dequantized to `dtype`, or kept FP8
     (with bfloat16 compute) when dtype is torch.float8_e4m3fn. MTP layers load when present.
     With world_size > 1 (torchrun, process group initialised) this rank reads only its part:
-    its slices of the split projections (NAMES) and its routed experts (see shard)."""
+    its slices of the split projections (NAMES) and the routed experts that `placement` gives
+    it (see shard)."""
     from safetensors import safe_open
     from tqdm import tqdm
     path = Path(path)
@@ -1552,7 +1669,7 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
         args = replace(args, n_mtp=0)  # e.g. saved by a tool that drops the MTP layers
     keep_fp8 = dtype == FP8_DTYPE
     try:
-        model = meta_model(args, rank, world_size, dtype)
+        model = meta_model(args, rank, world_size, dtype, placement)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -1566,9 +1683,9 @@ def load_pretrained(path, device="cpu", dtype=torch.float32, rank=0, world_size=
         if name.endswith("scale"):
             continue  # filled together with their weight
         hf = hf_name(name, args.n_layers)
-        if "{j}" in hf:  # stacked experts: this rank's, from its first one on
-            first = getattr(model.get_submodule(name.rpartition(".")[0]), "first", 0)
-            targets.update({hf.format(j=first + j): (name, t, j) for j in range(t.size(0))})
+        if "{j}" in hf:  # stacked experts: this rank's (slot j holds expert held[j], see shard)
+            held = getattr(model.get_submodule(name.rpartition(".")[0]), "held", range(t.size(0)))
+            targets.update({hf.format(j=held[j]): (name, t, j) for j in range(t.size(0))})
         else:
             targets[hf] = (name, t, None)
     handles = {}
@@ -1728,16 +1845,28 @@ def kv_bytes_per_token(args, bytes_per_number=2):
     return (args.n_layers + args.n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * bytes_per_number
 
 
-def weight_bytes_per_rank(args, world_size=1, dtype=torch.float32):
-    """Bytes of weights that each of world_size serving ranks holds (all hold equal shares; see
-    shard), in three parts: its 1/world_size of the routed experts; its slice of the tensors that
-    tensor parallelism splits (NAMES' split dims: heads, FFN width, vocabulary); and the
-    replicated rest. dtype as in meta_model (float8_e4m3fn: FP8 projections with their scales)."""
-    model = meta_model(args, 0, world_size, dtype)
+def weight_bytes_per_rank(args, world_size=1, dtype=torch.float32, n_redundant=0):
+    """Bytes of weights that each of world_size serving ranks holds (see shard), in three parts:
+    its 1/world_size of the routed experts; its slice of the tensors that tensor parallelism
+    splits (NAMES' split dims: heads, FFN width, vocabulary); and the replicated rest. With
+    n_redundant experts per MoE layer, a fourth: the copies on the rank that holds the most,
+    ceil(n_redundant / world_size) per layer (redundant_placement's room). dtype as in meta_model
+    (float8_e4m3fn: FP8 projections with their scales)."""
+    E, room = args.n_routed_experts, -(-n_redundant // world_size)
+    placement = None
+    if n_redundant:  # rank 0 holds its home experts and copies of `room` experts of rank 1
+        layer = [h + (0,) if E // world_size <= e < E // world_size + room else h
+                 for e, h in enumerate(home_placement(E, world_size))]
+        n_moe = sum(i >= args.n_dense_layers for i in [*range(args.n_layers)] + [args.n_layers] * args.n_mtp)
+        placement = [layer] * n_moe
+    model = meta_model(args, 0, world_size, dtype, placement)
     parts = {"routed experts": 0, "split (heads, FFN width, vocabulary)": 0, "replicated": 0}
     for name, p in model.named_parameters():
         part = 0 if ".experts." in name else 1 if split_dim(name, args.n_layers) is not None else 2
         parts[list(parts)[part]] += p.numel() * p.element_size()
+    if n_redundant:  # the copies' share of the rank's experts, listed after them
+        copies = parts["routed experts"] * room // (E // world_size + room)
+        parts = {"routed experts": parts.pop("routed experts") - copies, "redundant experts": copies, **parts}
     return parts
 
 

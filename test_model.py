@@ -3,12 +3,14 @@ plain-loop reference written here, the other code path, a hand-computed value, o
 Sections: model (attention, cache, YaRN, gate, MoE, checkpoints, generation, FP8, HF parity),
 train.py (tokenizer, FIM, packing, schedule, CLI, resume), infer.py (CLI, streaming, errors)."""
 import argparse
+import collections
 import contextlib
 import json
 import math
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -1856,6 +1858,124 @@ def test_ctrl_c_during_the_final_sample_is_one_line(data_dir, tmp_path):
 
 
 
+# ------------------------------------------------------------------------------------- --eval
+# the plain format (choices as written), HellaSwag's (joined by a space), trailing whitespace
+# that moves to the choices, 2-byte characters, an empty context, and one too long for the
+# context of 300 with its longest choice (297 + 4 bytes)
+EVAL_ITEMS = [{"context": "The sky is", "choices": [" blue", " green and wide", " x"], "answer": 0},
+              {"ctx": "def f(x):\n    return", "endings": ["x + 1", "None", "[]", "f(x)"], "label": "2"},
+              {"context": "import os\n", "choices": ["import sys\n", "éé\n"], "answer": 1},
+              {"context": "", "choices": ["hello", "world"], "answer": 1},
+              {"query": "x" * 297, "choices": ["ab", "abcd"], "gold": 1}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def as_text(item):
+    """-> context, choices, label of an EVAL_ITEMS row, HellaSwag's joined by a space."""
+    if "endings" in item:
+        return item["ctx"] + " ", item["endings"], int(item["label"])
+    return item.get("context", item.get("query")), item["choices"], item.get("answer", item.get("gold"))
+
+
+def test_choice_scores_equal_a_plain_forward_of_each_choice(capsys, ckpt, tmp_path):
+    """--eval runs each context once and the choices from the latent cache, several items a
+    forward; every choice's summed log-likelihood equals the one of a plain forward over that
+    context + choice alone (expanded attention, no cache), lm-evaluation-harness's split: the
+    context's trailing whitespace goes with the choice, <|endoftext|> stands before an empty
+    context, a context too long for its longest choice loses its first bytes."""
+    model = Transformer.from_pretrained(ckpt)
+    path = write_jsonl(tmp_path / "items.jsonl", EVAL_ITEMS)
+    code, out, err = run_main(capsys, "--ckpt", ckpt, "--eval", path, "--eval-out", tmp_path / "scores.jsonl",
+                              "--eval-batch-size", 2)
+    assert code == 0 and "note: 1 of 5 contexts cut from the left" in err
+    rows = [json.loads(line) for line in open(tmp_path / "scores.jsonl")]
+    right = right_norm = 0
+    for item, row in zip(EVAL_ITEMS, rows):
+        context, choices, label = as_text(item)
+        space = context[len(context.rstrip()):]
+        ctx = encode(context.rstrip()) or [EOT]
+        longest = max(len(encode(space + c)) for c in choices)
+        ctx = ctx[max(0, len(ctx) + longest - 300):]
+        sums = []
+        for choice in choices:
+            full = ctx + encode(space + choice)
+            with torch.no_grad():
+                logp = model(torch.tensor([full])).double().log_softmax(-1)[0]
+            sums.append(sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full))))
+        assert row["scores"] == pytest.approx(sums, rel=1e-5)
+        nbytes = [len(c.encode()) for c in choices]
+        assert row["bytes"] == nbytes and row["label"] == label
+        pred, pred_norm = (max(range(len(v)), key=v.__getitem__) for v in (sums, [s / b for s, b in zip(sums, nbytes)]))
+        assert (row["pred"], row["pred_norm"]) == (pred, pred_norm)
+        right, right_norm = right + (pred == label), right_norm + (pred_norm == label)
+    assert out.splitlines()[-1] == f"acc={right / 5:.4f} acc_norm={right_norm / 5:.4f} n=5"
+
+
+def test_accuracy_and_standard_errors_on_hand_made_scores():
+    """acc takes the largest sum, acc_norm the largest sum per byte (the first of a tie); each
+    standard error is the sample standard deviation of the 0/1 outcomes over sqrt(n), as
+    lm-evaluation-harness's mean_stderr computes it."""
+    scores = [[-10.0, -12.0], [-3.0, -1.0, -2.0], [-5.0, -5.0], [-8.0, -9.0, -30.0, -7.5]]
+    nbytes = [[5, 10], [1, 1, 1], [1, 2], [4, 4, 10, 3]]
+    labels = [1, 1, 0, 0]
+    r = infer.accuracy(scores, nbytes, labels)
+    # by sum: 0, 1, 0 (tie), 3; per byte (-2, -1.2), (-3, -1, -2), (-5, -2.5), (-2, -2.25, -3, -2.5): 1, 1, 1, 0
+    assert (r["pred"], r["pred_norm"]) == ([0, 1, 0, 3], [1, 1, 1, 0])
+    assert (r["acc"], r["acc_norm"], r["n"]) == (0.5, 0.75, 4)
+    assert r["acc_stderr"] == pytest.approx(statistics.stdev([0, 1, 1, 0]) / 2)
+    assert r["acc_norm_stderr"] == pytest.approx(statistics.stdev([1, 1, 0, 1]) / 2)
+    assert r["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2 + 1 / 4) / 4)
+
+
+def test_eval_code_asks_for_the_true_next_line_of_held_out_files(capsys, ckpt):
+    """The built-in task: 400 items of 4 choices from train.py's held-out files, the true one the
+    line that follows its context in one of them, the 3 others lines of other held-out files
+    with the true line's indentation; the answers spread over the 4 places; chance 0.25."""
+    texts = [bytes(d.to(torch.uint8).tolist()).decode("utf-8", "replace") for d in load_documents(None)[1]]
+    items = infer.code_task(texts)
+    assert len(items) == 400 and {len(choices) for _, choices, _ in items} == {4}
+    for context, choices, label in items:
+        home = [t for t in texts if context + choices[label] in t]
+        assert home and context
+        indent = choices[label][:len(choices[label]) - len(choices[label].lstrip())]
+        for other in choices[:label] + choices[label + 1:]:
+            assert other.startswith(indent) and other.strip() != choices[label].strip()
+            assert any(other.strip() in t for t in texts if t not in home)
+    assert all(70 < n < 130 for n in collections.Counter(label for *_, label in items).values())
+    code, out, err = run_main(capsys, "--ckpt", ckpt, "--eval", "code")
+    assert code == 0 and "400 items, 4 choices each, chance 0.2500" in out
+    assert re.fullmatch(r"acc=0\.\d{4} acc_norm=0\.\d{4} n=400", out.splitlines()[-1])
+
+
+def test_choice_log_likelihoods_equal_hugging_face_transformers(capsys, tmp_path):
+    """A published-layout checkpoint with its tokenizer.json: every choice's summed log-likelihood
+    as --eval computes it equals Hugging Face transformers' (DeepseekV3ForCausalLM, one forward
+    per context + choice) within 1e-4. Runs where `transformers` is installed (not a requirement)."""
+    transformers = pytest.importorskip("transformers")
+    tok = byte_bpe()
+    random_model(n_mtp=0, vocab_size=tok.get_vocab_size()).save_pretrained(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    items = EVAL_ITEMS[:3]
+    code, out, err = run_main(capsys, "--ckpt", tmp_path, "--eval", write_jsonl(tmp_path / "items.jsonl", items),
+                              "--eval-out", tmp_path / "scores.jsonl")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    for item, row in zip(items, map(json.loads, open(tmp_path / "scores.jsonl"))):
+        context, choices, _ = as_text(item)
+        space, context = context[len(context.rstrip()):], context.rstrip()
+        n = len(tok.encode(context).ids)
+        for choice, ours in zip(choices, row["scores"]):
+            whole = tok.encode(context + space + choice).ids
+            with torch.no_grad():
+                logp = hf(torch.tensor([whole])).logits.double().log_softmax(-1)[0]
+            theirs = sum(logp[i - 1, whole[i]].item() for i in range(n, len(whole)))
+            assert ours == pytest.approx(theirs, rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------- errors
 def one_line_error(code, out, err):
     assert code not in (0, None), "expected a non-zero exit"
@@ -1899,9 +2019,32 @@ def test_unloadable_checkpoint_is_one_line_error(capsys, broken, folder):
     ["--prompt-file", "/no/such/file.txt"], ["--bench", "--max-new-tokens", 1],
     ["--prompt", "a", "--fim-prefix", "b"], ["--fim-prefix", "", "--fim-suffix", ""],
     ["--device", "not-a-device"], ["--dtype", "int4"],
+    ["--eval", "/no/such/file.jsonl"], ["--eval-out", "scores.jsonl"], ["--eval", "code", "--bench"],
+    ["--eval", "code", "--prompt", "a"], ["--eval", "code", "--eval-batch-size", 0],
+    ["--redundant-experts", 1], ["--redundant-experts", -1], ["--eval", "code", "--redundant-experts", 1],
+    ["--dry-run", 2, "--redundant-experts", 9], ["--dry-run", 1, "--redundant-experts", 1],
 ], ids=lambda f: " ".join(map(str, f))[:40])
 def test_bad_input_is_one_line_error(capsys, ckpt, flags):
     one_line_error(*run_main(capsys, "--ckpt", ckpt, *flags))
+
+
+@pytest.mark.parametrize("line, word", [
+    ("not json", "not JSON"),
+    ('["a", ["b", "c"], 0]', "expected an object"),
+    ('{"context": "a", "choices": ["b", "c"]}', "expected an object"),
+    ('{"context": "a", "choices": [], "answer": 0}', "two or more"),
+    ('{"context": "a", "choices": ["b", ""], "answer": 0}', "two or more non-empty"),
+    ('{"context": "a", "choices": ["b", "c"], "answer": 2}', "not the index"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": ""}', "not the index"),
+    ('{"context": "a", "choices": ["' + "b" * 300 + '", "c"], "answer": 0}', "no room"),
+    ("", "holds no items"),
+], ids=lambda v: v[:30])
+def test_malformed_eval_file_is_one_line_error(capsys, ckpt, tmp_path, line, word):
+    (tmp_path / "items.jsonl").write_text('{"context": "x", "choices": ["y", "z"], "answer": 0}\n' * bool(line)
+                                          + line + "\n")
+    code, out, err = run_main(capsys, "--ckpt", ckpt, "--eval", tmp_path / "items.jsonl")
+    one_line_error(code, out, err)
+    assert word in err and ("line 2" in err or "item 2" in err or not line)
 
 
 def test_speculative_and_bench_without_mtp_are_one_line_errors(capsys, ckpt_no_mtp):
@@ -1976,6 +2119,9 @@ def _parallel_worker(rank, world, folder, tokens):
         results[name, "greedy"] = model.generate(tokens, 8)
         results[name, "speculative"] = model.generate(tokens, 8, speculative=True)
         results[name, "one row"] = model.generate(tokens[:1], 8)  # 1 token x 2 experts < 4: the decode branch
+        copies = [[(0, 1)] + [(0,)] * 3 + [(1, 0)] + [(1,)] * 3] * 3  # experts 0 and 5 on both ranks
+        results[name, "redundant"] = Transformer.from_pretrained(folder / name, rank=rank, world_size=world,
+                                                                 placement=copies)(tokens)
     if rank == 0:
         torch.save(results, folder / "parallel.pt")
     leave_distributed(world)  # as the scripts leave: see its docstring
@@ -1985,7 +2131,8 @@ def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
     """Two gloo ranks: each loads only its slice of every split projection (heads of wq_b, wkv_b,
     wo; FFN width; vocabulary) and its half of the routed experts. Its weights equal that slice
     of the one-process model; logits and greedy continuations (plain and speculative) equal
-    one process's, from a float32 and from an FP8 block-scaled checkpoint."""
+    one process's, from a float32 and from an FP8 block-scaled checkpoint; so do the logits with
+    two experts a layer copied to the other rank (redundant experts, each rank reading its copies)."""
     model = random_model(**PARALLEL)
     model.save_pretrained(tmp_path / "float32")
     _write_fp8_checkpoint(model, tmp_path / "fp8")
@@ -2004,10 +2151,54 @@ def test_tensor_and_expert_parallel_inference_equals_one_process(tmp_path):
     got = torch.load(tmp_path / "parallel.pt")
     for name in ("float32", "fp8"):
         one = Transformer.from_pretrained(tmp_path / name)
-        assert rel(got[name], one(tokens)) < 1e-5
+        assert rel(got[name], one(tokens)) < 1e-5 and rel(got[name, "redundant"], one(tokens)) < 1e-5
         plain = one.generate(tokens, 8)
         assert torch.equal(got[name, "greedy"], plain) and torch.equal(got[name, "speculative"], plain)
         assert torch.equal(got[name, "one row"], plain[:1])
+
+
+def test_redundant_placement_by_hand():
+    """Going down the experts by load, each gets a copy on the least loaded other rank with room
+    (ceil(R / n) copies a rank) if that rank stays below the home's expected load (half of the
+    expert's pairs move); else it is passed over; an unloaded expert gets none."""
+    load = torch.tensor([30, 20, 0, 0, 0, 1, 0, 0])       # 2 ranks: experts 0-3 on rank 0 (50 pairs), 4-7 on 1 (1)
+    home = [(0,)] * 4 + [(1,)] * 4
+    R1, R2, R8 = (model_module.redundant_placement([load], R, 2)[0] for R in (1, 2, 8))
+    assert R1 == [(0, 1)] + home[1:]                       # expected loads 35 / 16
+    # R = 2, room 1 a rank: expert 1 finds rank 1 full; expert 5's copy would leave rank 0 at 35.5 > 16
+    assert R2 == R1
+    # R = 8, room 4: expert 1 to rank 1 (25 / 26 < 35), then expert 5 to rank 0 (25.5 < 26)
+    assert R8 == [(0, 1), (0, 1)] + home[2:5] + [(1, 0)] + home[6:]
+    # 4 ranks of 2 experts, rank 0 at 70: its two experts go to the two idle ranks, 1 then 2
+    R2 = model_module.redundant_placement([torch.tensor([40, 30, 0, 0, 0, 0, 10, 0])], 2, 4)[0]
+    assert R2 == [(0, 1), (0, 2), (1,), (1,), (2,), (2,), (3,), (3,)]
+    with pytest.raises(ValueError, match="distinct ranks"):
+        model_module.shard(random_model(), 0, 2, [[(0, 0)] * 8] * 3)
+
+
+def test_redundant_experts_compute_each_pair_once_and_split_a_hot_experts_pairs_evenly():
+    """Each rank of a placement with copies computes its share of the routed sum: the shares add
+    up to the one-process experts' output, and the pairs of a duplicated expert split between
+    its copies within one (41 pairs of expert 3: 21 on its home rank 0, 20 on rank 1)."""
+    model = random_model()
+    torch.manual_seed(0)
+    x, weights = torch.randn(41, 64), torch.rand(41, 2)
+    idx = torch.stack([torch.full((41,), 3), torch.randint(4, 8, (41,))], 1)      # expert 3 in every token
+    full = model.layers[1].ffn.experts(x, weights, idx)
+    placement = [[(0,), (0,), (0,), (0, 1), (1,), (1,), (1,), (1,)]] * 3
+    total, counts = 0, []
+    for rank in range(2):
+        part = model_module.shard(random_model(), rank, 2, placement)
+        experts = part.layers[1].ffn.experts
+        assert experts.held == ([0, 1, 2, 3] if rank == 0 else [3, 4, 5, 6, 7])
+        assert torch.equal(experts.w1[experts.held.index(3)], model.layers[1].ffn.experts.w1[3])
+        total = total + experts(x, weights, idx)
+        counts.append(model_module.expert_load(part))
+    assert rel(total, full) < 1e-6
+    per_expert, placed, home = counts[0]  # of the 3 MoE layers (2 main, 1 MTP), the first ran
+    assert per_expert[0].tolist() == idx.flatten().bincount(minlength=8).tolist()
+    assert home[0].tolist() == [41, 41] and placed[0].tolist() == [21, 20 + 41]  # the second pairs: experts 4-7
+    assert placed[1:].sum() == 0 and all(torch.equal(c[1], placed) for c in counts)  # every rank counts the same
 
 
 def test_torchrun_infer_prints_what_one_process_prints(ckpt):
@@ -2022,13 +2213,45 @@ def test_torchrun_infer_prints_what_one_process_prints(ckpt):
     assert two.stderr.count("decode") == 1
 
 
+def test_redundant_experts_keep_the_output_and_even_the_load_of_a_hot_expert(ckpt, tmp_path):
+    """`torchrun --nproc-per-node 2 infer.py --redundant-experts R` (gloo): the one-process greedy
+    text for R = 1 and 2. A routing bias of 1 on expert 5 makes every token pick it (sigmoid
+    scores are below 1) and, with 2 groups of which 1 is kept, its group's experts 4-7: all
+    2 x 27 pairs of the 27-byte prompt sit on rank 1 (0 54, max/mean 2). Its copy on rank 0
+    takes 13 of expert 5's 27 pairs (13 41, max/mean 41/27); for R = 2 no second copy helps
+    (rank 1 has room for one copy, and rank 0's experts carry nothing), so the same."""
+    weights = load_file(Path(ckpt) / "model.safetensors")
+    for k in weights:
+        if k.endswith("e_score_correction_bias"):
+            weights[k][5] = 1.0
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    save_file(weights, hot / "model.safetensors", metadata={"format": "pt"})
+    (hot / "config.json").write_text((Path(ckpt) / "config.json").read_text())
+    flags = ["--ckpt", hot, "--prompt", "def f(x):\n    return x + 1\n", "--temperature", 0, "--max-new-tokens", 8]
+    one = run_script(*flags)
+    assert one.returncode == 0 and len(one.stdout) > 27
+    for R in (1, 2):
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "infer.py",
+                              *map(str, flags), "--redundant-experts", str(R)], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+        assert two.returncode == 0 and two.stdout == one.stdout, two.stderr[-3000:]
+        line = next(s for s in two.stderr.splitlines() if s.startswith("expert load, prefill of the prompt"))
+        assert "over the 1 MoE layer that ran" in line  # the MTP layer runs only when it drafts
+        assert line.endswith(f"without replicas 0 54 (max/mean 2.000); with {R} redundant expert"
+                             f"{'s' * (R > 1)} per layer 13 41 (max/mean 1.519)")
+
+
 def test_dry_run_memory_per_rank_of_deepseek_v3_in_fp8(capsys):
     """671B over 8 ranks, FP8 kept: the routed experts by hand are 58 MoE layers + 1 MTP layer, 32
-    experts per rank, 3 matrices of 2048 x 7168 bytes with one float32 scale per 128 x 128 block."""
+    experts per rank, 3 matrices of 2048 x 7168 bytes with one float32 scale per 128 x 128 block;
+    32 redundant experts a layer put 4 more on each rank."""
     code, out, err = run_main(capsys, "--ckpt", "deepseek-v3", "--dtype", "fp8", "--dry-run", "8")
     experts = 59 * 32 * 3 * (2048 * 7168 + 16 * 56 * 4) / 2**30
     assert code == 0 and f"{experts:.4g} GiB routed experts" in out
     assert f"{(61 + 1) * 576 * 2:,} bytes per token" in out  # latent 512 + RoPE key 64, bf16, MTP layer too
+    code, out, err = run_main(capsys, "--ckpt", "deepseek-v3", "--dtype", "fp8", "--dry-run", "8", "--redundant-experts", "32")
+    assert code == 0 and f"{experts:.4g} GiB routed experts + {experts / 8:.4g} GiB redundant experts" in out  # 4 more
     code, out, err = run_main(capsys, "--ckpt", "deepseek-v3", "--dry-run", "7")
     assert code != 0 and "does not split over 7 ranks" in err
 
@@ -2063,6 +2286,10 @@ def test_weight_bytes_per_rank_of_the_tiny_preset_on_two_ranks_by_hand():
         d = 0 if ".experts." in name else model_module.split_dim(name, args.n_layers)
         cut = [n // 2 if i == d else n for i, n in enumerate(one[name].shape)]
         assert list(p.shape) == cut, name
+    # --redundant-experts 3 on 2 ranks: room for 2 copies a rank per MoE layer, 2 more experts
+    with_copies = model_module.weight_bytes_per_rank(args, 2, n_redundant=3)
+    assert with_copies == {"routed experts": 4 * experts, "redundant experts": 4 * moe_blocks * 2 * 3 * D * 128,
+                           **{k: parts[k] for k in list(parts)[1:]}}
 
 
 # ============================================================================ hostile input, second round
