@@ -545,11 +545,11 @@ def get_parser():
     add("--sft", metavar="FILE", help="with --init-from: supervised fine-tuning (§5.1) on FILE.jsonl, one "
         '{"prompt": ..., "response": ...} object a line (other keys ignored, blank lines skipped): samples packed '
         "into rows of --seq-len, each seeing only itself, the loss on the responses and their end token")
-    add("--sft-val", metavar="FILE", help="held-out SFT pairs for validation (default: FILE.val.jsonl beside --sft "
-        "where it exists, else 2.5%% of --sft's samples by a hash of their prompt)")
+    add("--sft-val", metavar="FILE", help="held-out SFT pairs for validation, each scored alone (§5.1; default: "
+        "FILE.val.jsonl beside --sft where it exists, else 2.5%% of --sft's samples by a hash of their prompt)")
     add("--no-sample-mask", action="store_true", help="ablation of §5.1's sample mask: packed SFT samples see each "
         "other and their positions run on, as pre-training's documents do (validation still scores each alone)")
-    add("--make-sft", metavar="FILE", help="write an SFT task and exit: from --data (default: the standard library) "
+    add("--make-sft", metavar="FILE", help="write an SFT task (§5.1) and exit: from --data (default: the standard library) "
         "each documented function whose sample fits --seq-len, prompt = its signature and docstring, response = its "
         "body; the held-out files' pairs go to FILE.val.jsonl")
     add("--resume", action="store_true", help="continue the run saved in --out; flags not given keep the run's values")
