@@ -1318,6 +1318,237 @@ def test_bias_updates_lower_maxvio_and_mtp_loss_falls(data_dir, tmp_path, capsys
     assert sum(mtp[-5:]) / 5 < 0.6 * sum(mtp[:5]) / 5
 
 
+# ------------------------------------------------------- later stages: batch ramp, --init-from, YaRN, SFT
+@pytest.fixture
+def deterministic_after():
+    """main() switches on deterministic kernels for the process; give the other tests theirs back."""
+    deterministic, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_batch_ramp_sizes_step_by_step_match_a_hand_computation():
+    """Micro-batches of 2 sequences x 10 tokens (20 tokens), 4 -> 10 sequences over 1000 tokens:
+    2 + 3 t // 1000 micro-batches, i.e. 3 from t = 334 and 4 from t = 667. By hand: 9 steps of 2
+    (40 tokens each: t = 0 .. 320), then at t = 360 six steps of 3 (60 each: to t = 720), then
+    four of 4 (80 each: to t = 1040), then 5 for good. The dry run's closed form (ramp_steps)
+    agrees with stepping micro_batches one step at a time, here and at the report's sizes."""
+    a = argparse.Namespace(batch_size=2, grad_accum=5, batch_start=4, batch_ramp=1000, seq_len=10)
+    sizes = [train_module.micro_batches(train_module.tokens_before(s, a), a) * a.batch_size for s in range(22)]
+    assert sizes == [4] * 9 + [6] * 6 + [8] * 4 + [10] * 3
+    assert train_module.tokens_before(19, a) == 9 * 40 + 6 * 60 + 4 * 80 == 1040
+    assert train_module.ramp_steps(a) == 19
+    v3, _ = train_module.parse_args(["--preset", "deepseek-v3", "--dry-run"])
+    assert (v3.batch_start, v3.batch_size * v3.grad_accum, v3.batch_ramp, v3.seq_len) == (3072, 15360, 469e9, 4096)
+    tokens, step = 0, 0
+    while train_module.micro_batches(tokens, v3) < v3.grad_accum:
+        tokens, step = tokens + train_module.micro_batches(tokens, v3) * 3072 * 4096, step + 1
+    assert train_module.ramp_steps(v3) == step and 469e9 <= tokens < 469e9 + 4 * 3072 * 4096
+
+
+def test_dry_run_shows_the_reports_batch_ramp_for_deepseek_v3(capsys):
+    main(["--dry-run", "--preset", "deepseek-v3"])
+    out = capsys.readouterr().out
+    assert "batch ramp  3,072 -> 15,360 sequences a step over the first 469B tokens" in out
+    assert "per micro-batch of 3072 x 4096" in out  # the ramp adds micro-batches of 3072: 1 -> 5
+
+
+def test_resume_is_bit_exact_in_the_middle_of_the_batch_ramp(data_dir, tmp_path, deterministic_after):
+    """Micro-batches of 2 x 32 (64 tokens), 2 -> 6 sequences over 512 tokens: 1 + 2 t // 512
+    micro-batches, so by hand 2, 2, 2, 2 (t = 0 .. 192), 4, 4 (t = 256, 384), then 6 sequences a
+    step. A run stopped after step 5 (t = 384: the next step is still at the ramp's middle size)
+    and resumed ends in the state of the run straight through: weights, AdamW moments, routing
+    biases, RNG, metrics."""
+    flags = [*FAST, "--data", str(data_dir), "--max-steps", "8", "--grad-accum", "3", "--batch-ramp", "512",
+             "--batch-start", "2", "--eval-interval", "5", "--save-interval", "5"]
+    main([*flags, "--out", str(tmp_path / "straight")])
+    main([*flags, "--out", str(tmp_path / "split"), "--stop-at", "5"])
+    main(["--resume", "--out", str(tmp_path / "split")])
+    lines = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("straight", "split")}
+    assert [r["batch_size"] for r in lines["straight"]] == [2, 2, 2, 2, 4, 4, 6, 6]
+    assert [r["tokens"] for r in lines["straight"]] == [64, 128, 192, 256, 384, 512, 704, 896]
+    strip = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}
+    assert [strip(r) for r in lines["straight"]] == [strip(r) for r in lines["split"]]
+    a, b = (load_file(tmp_path / run / "train_state.safetensors") for run in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_loads_the_weights_exactly_and_rope_factor_extends_the_trained_length(data_dir, tmp_path,
+                                                                                         deterministic_after):
+    """One step at LR 1e-30 without bias update leaves every weight as loaded (AdamW moves each by
+    ~1e-29, far below a float32 step of these weights), so the saved tensors must equal the
+    checkpoint's file bit for bit. --rope-factor 4 over the 16 positions train_state.json says
+    the checkpoint was trained at: rope_scaling in config.json, the architecture otherwise kept."""
+    base = save_tiny(tmp_path / "base")
+    (tmp_path / "base" / "train_state.json").write_text(json.dumps({"args": {"seq_len": 16}}))
+    main([*FAST, "--data", str(data_dir), "--init-from", base, "--rope-factor", "4", "--seq-len", "64", "--max-steps",
+          "1", "--lr", "1e-30", "--no-bias-update", "--out", str(tmp_path / "long")])
+    before, after = load_file(tmp_path / "base" / "model.safetensors"), load_file(tmp_path / "long" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    c0, c1 = (json.loads((tmp_path / run / "config.json").read_text()) for run in ("base", "long"))
+    assert c0["rope_scaling"] is None and c1["rope_scaling"] == dict(
+        type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=32, beta_slow=1, mscale=1.0,
+        mscale_all_dim=1.0)
+    assert {k: v for k, v in c0.items() if k != "rope_scaling"} == {k: v for k, v in c1.items() if k != "rope_scaling"}
+    state = json.loads((tmp_path / "long" / "train_state.json").read_text())
+    assert state["step"] == 1 and state["args"]["init_from"] == base and state["args"]["preset"] is None
+
+
+def sft_line(prompt, response, **extra):
+    return json.dumps(dict(prompt=prompt, response=response, **extra)) + "\n"
+
+
+def test_sft_packing_and_loss_mask_by_hand():
+    """Samples A = "ab" -> "cde", B = "x" -> "y", C = "pq" -> "rstuvw" and D = "z" -> 15 bytes into
+    rows of 10 in file order: A (6 positions) and B (3) share row 0, C (9) opens row 1, D (16, cut
+    to 10) fills row 2. Targets -1 on prompts and padding; the end token is a target."""
+    samples = [(torch.tensor([EOT, *encode(p), *encode(r), EOT], dtype=torch.int16), len(p))
+               for p, r in (("ab", "cde"), ("x", "y"), ("pq", "rstuvw"), ("z", "0123456789abcde"))]
+    x, y, seg = train_module.pack_samples(samples, 10)
+    E, b = EOT, lambda s: list(s.encode())
+    assert x.tolist() == [[E, *b("abcde"), E, *b("xy"), E], [E, *b("pqrstuvw"), E], [E, *b("z01234567")]]
+    assert y.tolist() == [[-1, -1, *b("cde"), E, -1, *b("y"), E, -1], [-1, -1, *b("rstuvw"), E, -1],
+                          [-1, *b("012345678")]]
+    assert seg.tolist() == [[0] * 6 + [1] * 3 + [2], [0] * 9 + [1], [0] * 10]
+
+
+def test_shuffled_sft_rows_hold_each_sample_whole_with_its_response_as_targets():
+    """40 random samples, shuffled and packed: each segment of a row is one sample's inputs, its
+    targets exactly its response and end token (prompt -1), and every sample appears once."""
+    rng = random.Random(0)
+    samples = [(torch.tensor([EOT] + [rng.randrange(256) for _ in range(rng.randint(2, 30))] + [EOT],
+                             dtype=torch.int16), rng.randint(1, 3)) for _ in range(40)]
+    x, y, seg = train_module.pack_samples(samples, 48, random.Random(1))
+    found = []
+    for row in range(len(x)):
+        for s in seg[row].unique().tolist():
+            part = seg[row] == s
+            if (y[row][part] == -1).all() and (x[row][part] == EOT).all():
+                continue  # padding
+            k = next(i for i, (ids, _) in enumerate(samples) if torch.equal(ids[:-1], x[row][part]))
+            ids, n = samples[k]
+            assert torch.equal(y[row][part], torch.cat([torch.full((n,), -1, dtype=torch.int16), ids[n + 1:]]))
+            found.append(k)
+    assert sorted(found) == list(range(40))
+
+
+def test_packed_sft_rows_give_each_sample_the_logits_and_losses_it_gets_alone():
+    """pack_samples' segment ids through the model (MTP on): each sample's logits, CE and MTP loss
+    in the packed row equal those of the sample run alone (its loss mask applied)."""
+    model = random_model(vocab_size=260)
+    samples = [(torch.tensor([EOT, *range(10, 10 + n), EOT], dtype=torch.int16), p) for n, p in ((5, 2), (9, 3), (3, 1))]
+    x, y, seg = (t.long() for t in train_module.pack_samples(samples, 24))
+    assert len(x) == 1 and seg[0].tolist() == [0] * 6 + [1] * 10 + [2] * 4 + [3] * 4
+    lo = 0
+    for k, (ids, _) in enumerate(samples):
+        hi = lo + len(ids) - 1
+        only = torch.full_like(y, -1)
+        only[:, lo:hi] = y[:, lo:hi]
+        logits, L = model(x, only, segment_ids=seg)
+        ref_logits, ref = model(x[:, lo:hi], y[:, lo:hi])
+        assert rel(logits[:, lo:hi], ref_logits) < 1e-5, k
+        assert L["ce"].item() == pytest.approx(ref["ce"].item(), rel=1e-5) and \
+            L["mtp"].item() == pytest.approx(ref["mtp"].item(), rel=1e-5), k
+        lo = hi
+
+
+def test_make_sft_pairs_are_each_functions_source_and_the_held_out_files_give_the_validation_pairs(tmp_path, capsys):
+    src = ('class A:\n    def area(self, r):\n        """Area of a circle."""\n\n        return 3.14 * r * r\n\n\n'
+           'async def fetch(x):\n    """Fetch x."""\n    return await x\n\n\n'
+           'def nodoc(x):\n    return x\n\n\ndef only_doc():\n    """Nothing after me."""\n\n\n'
+           'def long(x):\n    """Too long for 80 bytes."""\n    return x + ' + '1 + ' * 20 + '1\n')
+    pairs = [("def area(self, r):\n    \"\"\"Area of a circle.\"\"\"\n", "\n    return 3.14 * r * r\n"),
+             ("async def fetch(x):\n    \"\"\"Fetch x.\"\"\"\n", "    return await x\n")]
+    names = [f"m{i}.py" for i in range(200)]
+    val_name = next(n for n in names if train_module.held_out(n))
+    (tmp_path / "data").mkdir()
+    for name in ("m_train.py", val_name):
+        (tmp_path / "data" / name).write_text(src)
+    main(["--make-sft", str(tmp_path / "sft.jsonl"), "--data", str(tmp_path / "data"), "--seq-len", "80"])
+    assert "2 pairs in" in capsys.readouterr().out
+    for path, name in (("sft.jsonl", "m_train.py"), ("sft.val.jsonl", val_name)):
+        got = [json.loads(line) for line in (tmp_path / path).read_text().splitlines()]
+        assert [(g["prompt"], g["response"]) for g in got] == pairs and got[0]["source"] == f"{name}:2"
+    a = argparse.Namespace(sft=str(tmp_path / "sft.jsonl"), sft_val=None, seq_len=80, max_steps=None, batch_size=1,
+                           grad_accum=1)
+    train_set, val = train_module.load_sft(a)  # FILE.val.jsonl found beside FILE
+    assert a.sft_val == str(tmp_path / "sft.val.jsonl") and len(train_set) == len(val) == 2
+    assert a.max_steps == 2 * 2  # 2 rows an epoch (73 and 59 positions do not share a row of 80), 2 epochs of batch 1
+
+    ids, n = train_set[1]
+    assert decode(ids.tolist()) == "<|endoftext|>" + "".join(pairs[1]) + "<|endoftext|>" and n == len(pairs[1][0])
+
+
+def test_sft_run_starts_at_the_checkpoints_response_loss_and_the_mask_changes_training(tmp_path, capsys,
+                                                                                       deterministic_after):
+    """The step-0 validation line is the checkpoint's loss per response byte, each held-out pair
+    scored alone by the loaded model (no packing, no segments). 8 pairs of 23 positions pack 2 to
+    a row of 64: 4 rows an epoch, 2 epochs of batch 2 = 4 steps by default, the LR a cosine from
+    5e-6 / 2.2e-4 x tiny's 2e-3. With --no-sample-mask the same first batch gives another loss."""
+    base = save_tiny(tmp_path / "base")
+    rng = random.Random(0)
+    text = lambda n: "".join(rng.choice("abcdefgh ") for _ in range(n))
+    (tmp_path / "sft.jsonl").write_text("".join(sft_line(text(10), text(12)) for _ in range(8)))
+    val = [(text(10), text(12)) for _ in range(3)]
+    (tmp_path / "sft.val.jsonl").write_text("".join(sft_line(p, r, source="x") for p, r in val))
+    flags = ["--init-from", base, "--sft", str(tmp_path / "sft.jsonl"), "--seq-len", "64", "--batch-size", "2",
+             "--dtype", "float32", "--sample-bytes", "0"]
+    main([*flags, "--out", str(tmp_path / "sft")])
+    step0 = float(re.search(r"step 0: val loss ([\d.]+) nats/byte", capsys.readouterr().out)[1])
+    model = Transformer.from_pretrained(base)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for p, r in val:
+            ids = torch.tensor([[EOT, *encode(p), *encode(r)]])
+            logits = model(ids[:, :-1])[0, len(p):]                      # the positions predicting r
+            nll += F.cross_entropy(logits, ids[0, len(p) + 1:], reduction="sum").item()
+            n += len(r)
+    assert step0 == pytest.approx(nll / n, abs=6e-5)
+    lines = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and lines[0]["lr"] == pytest.approx(2e-3 * 5e-6 / 2.2e-4)
+    main([*flags, "--out", str(tmp_path / "no_mask"), "--no-sample-mask", "--max-steps", "1"])
+    first = json.loads((tmp_path / "no_mask" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["ce"] != pytest.approx(lines[0]["ce"], rel=1e-4)
+
+
+STAGE_BAD = {  # flags -> a word the one-line error must contain; nothing may be written
+    "sft not json": (["--init-from", "{ckpt}", "--sft", "{d}/notjson.jsonl"], "line 2 is not a json object"),
+    "sft missing key": (["--init-from", "{ckpt}", "--sft", "{d}/nokey.jsonl"], '"response"'),
+    "sft prompt too long": (["--init-from", "{ckpt}", "--sft", "{d}/long.jsonl"], "--seq-len"),
+    "sft empty": (["--init-from", "{ckpt}", "--sft", "{d}/empty.jsonl"], "no samples"),
+    "sft not utf-8": (["--init-from", "{ckpt}", "--sft", "{d}/latin1.jsonl"], "utf-8"),
+    "sft missing": (["--init-from", "{ckpt}", "--sft", "{d}/nowhere.jsonl"], "no such file"),
+    "sft without init-from": (["--sft", "{d}/long.jsonl"], "--init-from"),
+    "init-from not a checkpoint": (["--init-from", "{d}"], "not a checkpoint"),
+    "init-from torn weights": (["--init-from", "{d}/torn"], "--init-from"),
+    "rope factor 1": (["--init-from", "{ckpt}", "--rope-factor", "1"], "--rope-factor"),
+    "seq len beyond the factor": (["--init-from", "{ckpt}", "--rope-factor", "2", "--seq-len", "601"], "trained at"),
+    "rope factor without init-from": (["--rope-factor", "2"], "--init-from"),
+    "preset with init-from": (["--init-from", "{ckpt}", "--preset", "tiny"], "--preset"),
+}
+
+
+@pytest.mark.parametrize("case", STAGE_BAD)
+def test_later_stage_bad_input_is_one_line_and_writes_nothing(case, ckpt, tmp_path, capsys):
+    d = tmp_path
+    (d / "notjson.jsonl").write_text(sft_line("a", "b") + "{prompt: a}\n")
+    (d / "nokey.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (d / "long.jsonl").write_text(sft_line("p" * 64, "r"))
+    (d / "empty.jsonl").write_text("\n\n")
+    (d / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n')
+    (d / "torn").mkdir()
+    (d / "torn" / "config.json").write_text((Path(ckpt) / "config.json").read_text())
+    (d / "torn" / "model.safetensors").write_bytes((Path(ckpt) / "model.safetensors").read_bytes()[:300])
+    with pytest.raises(SystemExit) as exit:
+        main(["--seq-len", "64", *[f.format(d=d, ckpt=ckpt) for f in STAGE_BAD[case][0]], "--out", str(d / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert STAGE_BAD[case][1] in lines[0].lower() or STAGE_BAD[case][1] in lines[0], lines[0]
+    assert not (d / "out").exists()
+
+
 # ============================================================================ infer.py
 
 SUMMARY = re.compile(r"prompt (\d+) tokens \| new (\d+) tokens \| prefill [\d.]+ tokens/s \| decode [\d.]+ tokens/s")
@@ -2071,7 +2302,8 @@ def test_script_errors_have_no_traceback(flags):
 def test_two_rank_data_parallel_matches_one_process(tmp_path):
     """torchrun --nproc-per-node 2 (gloo, CPU): each rank trains on half of every global batch;
     the loss curve equals one process's on the same global batch, and the routing biases (updated
-    from the all-reduced expert loads) are identical."""
+    from the all-reduced expert loads) are identical. Through a batch-size ramp (4, 4, 8, 8
+    sequences: 1 + t // 256 micro-batches of 4 x 32), on which every rank must agree."""
     data = tmp_path / "data"
     data.mkdir()
     for i in range(60):
@@ -2079,13 +2311,14 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path):
     train_docs, _ = load_documents(str(data))
     # a seed whose first batches hold no padded (-1) target: per-rank means then weigh every
     # target equally, so the two runs compute the same loss, not just nearly
-    def unpadded(seed, steps=4):
+    def unpadded(seed, steps=6):
         batches = Batches(train_docs, 32, 4, seed)
         return all((next(batches)[1] >= 0).all() for _ in range(steps))
     seed = next(s for s in range(50) if unpadded(s))
     flags = ["--seq-len", "32", "--batch-size", "4", "--dtype", "float32", "--eval-batches", "1",
              "--sample-bytes", "0", "--data", str(data), "--max-steps", "4", "--eval-interval", "4",
-             "--save-interval", "4", "--warmup-steps", "2", "--bias-update-speed", "0.01", "--seed", str(seed)]
+             "--save-interval", "4", "--warmup-steps", "2", "--bias-update-speed", "0.01", "--seed", str(seed),
+             "--grad-accum", "2", "--batch-ramp", "256"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "train.py", *flags, "--out", str(tmp_path / "one")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
@@ -2095,13 +2328,16 @@ def test_two_rank_data_parallel_matches_one_process(tmp_path):
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert "FutureWarning" not in two.stderr  # DDP's broadcast_buffers deprecation, once per rank
     curves = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
+    assert [r["batch_size"] for r in curves[0]] == [r["batch_size"] for r in curves[1]] == [4, 4, 8, 8]
     for a, b in zip(*curves):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     w1, w2 = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
     biases = [k for k in w1 if k.endswith("e_score_correction_bias")]
     assert biases and all(torch.equal(w1[k], w2[k]) for k in biases)
     assert any(w1[k].abs().sum() > 0 for k in biases)  # the biases did move
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # rounding only: each rank sums its half of a micro-batch, all-reduce averages, AdamW's normalised
+    # step scales it up where gradients are tiny (1.01e-5 at most here with the ramp's 8-sequence steps)
+    assert all(torch.allclose(w1[k], w2[k], atol=3e-5) for k in w1)
 
 
 # tensor parallel needs heads, FFN widths, vocabulary and experts divisible by 2; inter_dim 200

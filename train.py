@@ -8,16 +8,21 @@ warmup-constant-cosine schedule, multi-token prediction and auxiliary-loss-free 
     python train.py --data notes/ --out out_notes     # your own text: a file, a folder or a glob
     python train.py --dry-run --preset deepseek-v3    # params, FLOPs, memory; builds nothing
     python infer.py --prompt "def "                   # sample from out/
+Later stages, each a new run from a checkpoint:
+    python train.py --init-from out --rope-factor 4 --seq-len 1024 --batch-size 4 --out out_long  # YaRN (§4.3)
+    python train.py --make-sft sft.jsonl              # prompt/response pairs from the standard library
+    python train.py --init-from out --sft sft.jsonl --out out_sft  # SFT with sample masking (§5.1)
 
-Part 1, the recipe (§4.1-4.2), in the order a step meets it:
-    the recipe table ...... each number of the report's pre-training, and where it lives here
+Part 1, the recipe (§4.1-4.3, §5.1), in the order a step meets it:
+    the recipe table ...... each number of the report's training, and where it lives here
     byte tokenizer, FIM ... ids 0-255 are the bytes, then four specials; PSM at rate 0.1 (§4.1)
-    data .................. documents -> one shuffled stream per epoch -> packed rows -> batches
-    schedule, evaluation .. LR and MTP weight λ by step; validation bits per byte
+    data .................. documents -> one shuffled stream per epoch -> packed rows -> batches;
+                            SFT samples -> rows with segment ids and the loss on responses (§5.1)
+    schedule, evaluation .. LR and MTP weight λ by step, batch size by tokens; validation loss
     train_step, train ..... one optimizer step (losses, clip, AdamW, bias update); the loop
 Part 2, the harness: command line and presets, balancing modes, distributed helpers (the torchrun
-    environment), signals and output streams, checks, checkpoints and resume, the run's files
-    (metrics, progress, preemption, out/ lock), dry run, main.
+    environment), signals and output streams, checks, checkpoints, --init-from and resume, SFT
+    files, the run's files (metrics, progress, preemption, out/ lock), dry run, main.
 
 Default data: the running Python's standard library (.py files; site-packages and tests left
 out). 2.5% of the files, picked by a hash of their path, are held out for validation. out/ gets
@@ -25,6 +30,7 @@ config.json + model.safetensors (the published Hugging Face layout, what infer.p
 metrics.jsonl (a line per step) and train_state.safetensors/.json (exact training state, no pickle).
 """
 import argparse
+import ast
 import contextlib
 import fcntl
 import glob
@@ -39,6 +45,7 @@ import sys
 import sysconfig
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -62,8 +69,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import (ModelArgs, Transformer, accounting, atomic_write, memory_shortfall, remove_stale_temporaries,
-                   training_memory)
+from model import (CheckpointError, ModelArgs, Transformer, accounting, atomic_write, memory_shortfall, read_json,
+                   remove_stale_temporaries, training_memory)
 
 # ==============================================================================================
 # Part 1: the recipe
@@ -81,8 +88,16 @@ from model import (ModelArgs, Transformer, accounting, atomic_write, memory_shor
 #   bias update speed γ 0.001 for the first        ModelArgs.bias_update_speed, --bias-update-speed
 #   14.3T tokens, then 0                           (ours stays on to the end)
 #   sequence-wise balance loss α 0.0001            ModelArgs.balance_alpha
-#   15360 sequences of 4096 tokens a step          PRESET_DEFAULTS (the paper ramps it up from 3072)
+#   4096 tokens a sequence; the sequences a step   micro_batches(): --batch-ramp, --batch-start;
+#   grow from 3072 to 15360 over the first 469B    deepseek-v3's defaults (tiny, small: no ramp)
+#   tokens, then stay
 #   Fill-in-the-Middle, PSM, 10% of the documents  FIM_RATE, epoch_stream()
+# Later stages, each a new run from a checkpoint (--init-from):
+#   long context (§4.3): YaRN s = 40, β 32 / 1,    --rope-factor (model.py's precompute_freqs_cis,
+#   √t = 0.1 ln s + 1; 1000 steps at LR 7.3e-6     yarn_mscale); STAGES: the LR, constant
+#   SFT (§5.1): samples packed but mutually        pack_samples(), --sft; model(..., segment_ids);
+#   invisible, loss on the responses, cosine LR    STAGES: the LR, cosine over two epochs
+#   5e-6 -> 1e-6 over two epochs
 BETAS, CLIP = (0.9, 0.95), 1.0
 FIM_RATE = 0.1
 VAL_FRACTION = 0.025  # share of the files held out for validation
@@ -129,22 +144,26 @@ def fim_split(doc, rng):
 # Data: documents -> one stream per epoch -> packed rows -> micro-batches
 def load_documents(data, skipped=None):
     """--data (None: this Python's standard library) -> (train, val): int16 tensors, one per text
-    file, split by a SHA-256 of the path relative to the data root (stable across runs and
-    machines, unlike Python's salted hash()). With too few files to hold one out, the tail of each
-    file is held out instead. The paths of the files not read go to the list `skipped`."""
+    file, split by held_out(path relative to the data root). With too few files to hold one out,
+    the tail of each file is held out instead. The paths of the files not read go to `skipped`."""
     root, paths, not_regular = find_files(data)
     skipped = [] if skipped is None else skipped
     skipped += not_regular
     train, val = [], []
     for path, raw in read_texts(paths, skipped):
         rel = os.path.relpath(path, root).replace(os.sep, "/")
-        h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64
-        (val if h < VAL_FRACTION else train).append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).short())
+        (val if held_out(rel) else train).append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).short())
     if train and not val or val and not train:  # hold out the tail of each file (>= 1 byte)
         docs, cut = train + val, lambda d: min(len(d) - 1, math.ceil(len(d) * (1 - VAL_FRACTION)))
         train, val = [d[:cut(d)] for d in docs if cut(d) > 0], [d[cut(d):] for d in docs]
     check_documents(data, root, train, val, skipped)
     return train, val
+
+
+def held_out(name):
+    """Whether a file (by its path) or an SFT sample (by its prompt) is held out for validation: by a
+    SHA-256 of the name, stable across runs and machines, unlike Python's salted hash()."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64 < VAL_FRACTION
 
 
 def special(i):
@@ -179,18 +198,48 @@ def pack(stream, seq_len):
     return rows[:, :-1].clamp(min=0), rows[:, 1:]  # padding inputs: any id (their targets are -1)
 
 
-class Batches:
-    """Training micro-batches. Epoch e is a pure function of (seed, e), so the position
-    (epoch, index of the next batch) is all that --resume needs to regenerate the data."""
+def pack_samples(samples, seq_len, rng=None):
+    """SFT (§5.1): samples (ids, prompt length), ids = <|endoftext|> prompt response <|endoftext|>,
+    packed whole into rows in shuffled order (a new row where the next one does not fit; one longer
+    than a row is cut) -> (inputs, targets, segment ids), each (N, seq_len). Targets are -1 on the
+    prompts and the padding: the loss covers the responses and their end tokens. Segment ids
+    count the samples of a row (the padding is one more), so that model(..., segment_ids) keeps
+    them "isolated and mutually invisible", each at the positions it has alone."""
+    order = list(range(len(samples)))
+    if rng is not None:
+        rng.shuffle(order)
+    rows, used = [], seq_len
+    for k in order:
+        ids, n_prompt = samples[k]
+        ids = ids[:seq_len + 1]
+        if used + len(ids) - 1 > seq_len:
+            rows.append([])
+            used = 0
+        targets = ids[1:].clone()
+        targets[:n_prompt] = -1
+        rows[-1].append((ids[:-1], targets, torch.full_like(targets, len(rows[-1]))))
+        used += len(targets)
 
-    def __init__(self, docs, seq_len, batch_size, seed, epoch=0, index=0, drop_last=False):
-        self.docs, self.seq_len, self.batch_size, self.seed = docs, seq_len, batch_size, seed
+    def padded(row):  # inputs <|endoftext|> (any id), targets -1, a segment of its own
+        pad = torch.full((seq_len - sum(len(x) for x, _, _ in row),), EOT, dtype=torch.int16)
+        return [torch.cat(t) for t in zip(*row, (pad, torch.full_like(pad, -1), torch.full_like(pad, len(row))))]
+    return tuple(torch.stack(t) for t in zip(*map(padded, rows)))
+
+
+class Batches:
+    """Training micro-batches: (inputs, targets), and the segment ids for SFT. Epoch e is a pure
+    function of (seed, e), so the position (epoch, index of the next batch) is all that --resume
+    needs to regenerate the data."""
+
+    def __init__(self, docs, seq_len, batch_size, seed, epoch=0, index=0, drop_last=False, sft=False):
+        self.docs, self.seq_len, self.batch_size, self.seed, self.sft = docs, seq_len, batch_size, seed, sft
         self.epoch, self.index, self.order, self.drop_last = epoch, index, None, drop_last
 
     def load_epoch(self):
         rng = random.Random(f"{self.seed}:{self.epoch}")  # str seeds go through SHA-512: stable
-        self.inputs, self.targets = pack(epoch_stream(self.docs, rng), self.seq_len)
-        self.order = list(range(len(self.inputs)))
+        self.rows = (pack_samples(self.docs, self.seq_len, rng) if self.sft
+                     else pack(epoch_stream(self.docs, rng), self.seq_len))
+        self.order = list(range(len(self.rows[0])))
         rng.shuffle(self.order)  # a batch takes its rows from all over the epoch
 
     def __next__(self):
@@ -203,22 +252,24 @@ class Batches:
             self.load_epoch()
         ids = self.order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        return self.inputs[ids].long(), self.targets[ids].long()
+        return tuple(t[ids].long() for t in self.rows)
 
 
-def val_batches(docs, seq_len, batch_size, n_batches):
-    """Fixed validation set: held-out documents without FIM, up to n_batches * batch_size rows
-    spread evenly over them."""
-    x, y = pack(torch.cat([special(EOT)] + [t for d in docs for t in (d, special(EOT))]), seq_len)
-    keep = torch.linspace(0, len(x) - 1, min(len(x), n_batches * batch_size)).round().long()
-    return [(x[ids].long(), y[ids].long()) for ids in keep.split(batch_size)]
+def val_batches(docs, seq_len, batch_size, n_batches, sft=False):
+    """Fixed validation set: held-out documents without FIM (or SFT samples in file order), up to
+    n_batches * batch_size rows spread evenly over them."""
+    rows = pack_samples(docs, seq_len) if sft else \
+        pack(torch.cat([special(EOT)] + [t for d in docs for t in (d, special(EOT))]), seq_len)
+    keep = torch.linspace(0, len(rows[0]) - 1, min(len(rows[0]), n_batches * batch_size)).round().long()
+    return [tuple(t[ids].long() for t in rows) for ids in keep.split(batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------
-# The schedule
+# The schedules: LR and λ by step, the batch size by tokens
 def schedule(step, a):
     """(lr, MTP weight λ) for 0-based `step`, §4.2 in shape: linear warmup, constant, then from
-    decay_start a cosine decay to min_lr_frac * lr at the last step, while λ drops 0.3 -> 0.1."""
+    decay_start a cosine decay to min_lr_frac * lr at the last step, while λ drops 0.3 -> 0.1.
+    In optimizer steps, also while the batch size ramps up (the report's are in tokens)."""
     decay_start = int(a.decay_start * a.max_steps)
     if step < decay_start:
         return a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps)), a.mtp_weight
@@ -226,22 +277,43 @@ def schedule(step, a):
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))), a.mtp_weight_late
 
 
+def micro_batches(tokens, a):
+    """Micro-batches of --batch-size in the step after `tokens` tokens (§4.2: "the batch size is
+    gradually increased from 3072 to 15360 in the training of the first 469B tokens, and then keeps
+    15360"): the step's sequences grow linearly in tokens from --batch-start to batch_size x
+    grad_accum over the first --batch-ramp tokens, rounded down to whole micro-batches."""
+    if not a.batch_ramp or tokens >= a.batch_ramp:
+        return a.grad_accum
+    first = a.batch_start // a.batch_size
+    return first + (a.grad_accum - first) * tokens // a.batch_ramp
+
+
+def tokens_before(step, a):
+    """Tokens trained on in steps 0..step-1 (all ranks together)."""
+    tokens = 0
+    for _ in range(step):
+        tokens += micro_batches(tokens, a) * a.batch_size * a.seq_len
+    return tokens
+
+
 # ----------------------------------------------------------------------------------------------
 # The training step and the loop
-def train_step(model, fwd, optimizer, batches, a, lr, mtp_weight, gamma, autocast, rank=0, world=1):
-    """One optimizer step -> the step's losses (averaged over ranks), gradient norm and MaxVio.
-    `fwd` is the model as called (data-parallel and/or compiled); `model` itself takes the update."""
+def train_step(model, fwd, optimizer, batches, micro, a, lr, mtp_weight, gamma, autocast, rank=0, world=1):
+    """One optimizer step of `micro` micro-batches -> the step's losses (averaged over ranks),
+    gradient norm and MaxVio. `fwd` is the model as called (data-parallel and/or compiled);
+    `model` itself takes the update."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     # forward and backward over the micro-batches, each rank on its share of every micro-batch
     logs = dict.fromkeys(("loss", "ce", "mtp", "balance"), 0.0)
-    for _ in range(a.grad_accum):
-        x, y = (t[rank::world].to(a.device, non_blocking=True) for t in next(batches))
-        with autocast:
-            _, losses = fwd(x, y, mtp_weight=mtp_weight)  # CE + λ·MTP (eq. 25) + α·balance (eq. 17)
-        (losses["loss"] / a.grad_accum).backward()
+    for _ in range(micro):
+        x, y, *seg = (t[rank::world].to(a.device, non_blocking=True) for t in next(batches))
+        seg = seg[0] if seg and not a.no_sample_mask else None  # SFT's samples: each sees itself only
+        with autocast:  # CE + λ·MTP (eq. 25) + α·balance (eq. 17)
+            _, losses = fwd(x, y, mtp_weight=mtp_weight, segment_ids=seg)
+        (losses["loss"] / micro).backward()
         for k in logs:
-            logs[k] += float(losses[k].detach()) / a.grad_accum
+            logs[k] += float(losses[k].detach()) / micro
     logs = dict(zip(logs, all_mean(list(logs.values()), world, a.device)))
     # clip the gradient norm at 1.0; a non-finite loss or gradient stops before the weights see it
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
@@ -271,13 +343,14 @@ def adamw(model, a):
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
     """Next-byte cross-entropy of the main head, in nats per byte. Only byte targets count: the
-    <|endoftext|> after each document is left out, so bits-per-byte is per byte of text."""
+    <|endoftext|> after each document is left out, so bits-per-byte is per byte of text. SFT
+    batches bring segment ids: each sample is scored alone, on its response."""
     model.eval()
     nll, n = 0.0, 0
-    for x, y in batches:
+    for x, y, *seg in batches:
         x, y = x.to(device), y.to(device)
         with autocast:
-            logits = model(x)
+            logits = model(x, segment_ids=seg[0].to(device)) if seg else model(x)
         mask = (y >= 0) & (y < 256)
         nll += F.cross_entropy(logits[mask].float(), y[mask], reduction="sum").item()
         n += int(mask.sum())
@@ -285,59 +358,78 @@ def evaluate(model, batches, device, autocast):
     return nll / n
 
 
-def train(a, margs):
-    """Pre-training: data, model and optimizer, then train_step until --max-steps (or --stop-at),
-    validating every --eval-interval steps and saving every --save-interval; a sample at the end."""
+def train(a, margs, init=None, sft=None):
+    """Training: data, model and optimizer, then train_step until --max-steps (or --stop-at),
+    validating every --eval-interval steps and saving every --save-interval; a sample at the end.
+    A later stage starts from --init-from's weights `init`; SFT trains on `sft`, the (train,
+    held-out) samples of --sft."""
     skipped = []
-    train_docs, val_docs = load_documents(a.data, skipped)
+    train_docs, val_docs = sft or load_documents(a.data, skipped)
     rank, world, a.device = init_distributed(a.device)
-    check_run(a, margs, train_docs, skipped, rank, world)  # refusals before anything is allocated
+    texts = [[ids for ids, _ in d] for d in sft] if sft else (train_docs, val_docs)  # their sizes
+    check_run(a, margs, texts[0], skipped, rank, world)  # refusals before anything is allocated
     autocast = torch.autocast(a.device.type, torch.bfloat16) if a.dtype == "bfloat16" else contextlib.nullcontext()
     torch.manual_seed(a.seed)
     model = Transformer(margs).to(a.device)
+    if init is not None:  # a new run from a checkpoint: its weights, a fresh optimizer and schedule
+        model.load_state_dict(init, strict=False)  # all of it; a checkpoint may lack the MTP module
     # data parallel: gradients averaged over the ranks; buffers not broadcast, so that each rank
     # keeps its own expert-load counts until train_step sums them for the bias update
     fwd = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     fwd = torch.compile(fwd) if a.compile else fwd
     optimizer, param_names = adamw(model, a)
     gamma = bias_update_speed(a, margs)
-    run = Run(a, margs, model, optimizer, param_names, train_docs, val_docs, rank, world)  # resumes with --resume
-    batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, run.epoch, run.batch, drop_last=world > 1)
-    val = val_batches(val_docs, a.seq_len, a.batch_size, a.eval_batches)
+    run = Run(a, margs, model, optimizer, param_names, *texts, rank, world)  # resumes with --resume
+    batches = Batches(train_docs, a.seq_len, a.batch_size, a.seed, run.epoch, run.batch, world > 1, bool(sft))
+    val = val_batches(val_docs, a.seq_len, a.batch_size, a.eval_batches, bool(sft))
     if run.step >= run.stop:
         return run.say(f"the run in {a.out}/ is at step {run.step} already; raise --max-steps to train on")
+    if init is not None and rank == 0:  # where the later stage starts from
+        run.say(f"step 0: val loss {evaluate(model, val, a.device, autocast):.4f} nats/byte ({a.init_from})")
+        model.update_bias(0.0)
     with run.progress():
         for step in range(run.step, run.stop):
             t0 = time.perf_counter()
             lr, mtp_weight = schedule(step, a)
-            logs = train_step(model, fwd, optimizer, batches, a, lr, mtp_weight, gamma, autocast, rank, world)
-            logs.update(lr=lr, mtp_weight=mtp_weight, seconds=synchronized_time(a.device) - t0)
+            micro = micro_batches(run.tokens, a)  # the batch-size ramp (§4.2): the same on every rank
+            logs = train_step(model, fwd, optimizer, batches, micro, a, lr, mtp_weight, gamma, autocast, rank, world)
+            logs.update(lr=lr, mtp_weight=mtp_weight, batch_size=micro * a.batch_size,
+                        seconds=synchronized_time(a.device) - t0)
             if rank == 0 and (step + 1 == run.stop or (step + 1) % a.eval_interval == 0):
                 logs["val_loss"] = evaluate(model, val, a.device, autocast)
                 model.update_bias(0.0)  # the evaluation's expert loads must not steer the routing bias
             run.log(step + 1, logs, batches)  # the metrics line, the progress bar, the checkpoint
     run.finish()
-    if rank == 0 and a.sample_bytes:
+    if rank == 0 and a.sample_bytes:  # SFT: the response to a held-out prompt, up to its end token
         model.eval()
-        prompt = torch.tensor([encode(SAMPLE_PROMPT)], device=a.device)
+        prompt = val_docs[0][0][:val_docs[0][1] + 1].tolist() if sft else encode(SAMPLE_PROMPT)  # <|endoftext|> prompt
+        prompt = torch.tensor([prompt], device=a.device)
         torch.manual_seed(a.seed)
         with autocast:  # greedy decoding of a small byte model loops; sample as infer.py does
             ids = model.generate(prompt, min(a.sample_bytes, margs.max_seq_len - prompt.shape[1]),
-                                 temperature=0.8, top_p=0.95)
-        print(f"sample (temperature 0.8, top-p 0.95):\n{decode(ids[0].tolist())}")
+                                 temperature=0.8, top_p=0.95, stop_tokens=(EOT,) if sft else ())
+        print(f"sample (temperature 0.8, top-p 0.95):\n{decode(ids[0, 1 if sft else 0:].tolist())}")
     leave_distributed(world)
 
 
 # ==============================================================================================
 # Part 2: the harness. Command line, checks, checkpoints and the run's files, dry run, main.
 # ==============================================================================================
-PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3, grad_accum=1),  # for flags left unset
-                   "small": dict(batch_size=32, seq_len=1024, lr=1e-3, grad_accum=1),
-                   "deepseek-v3": dict(batch_size=15360, seq_len=4096, lr=2.2e-4, grad_accum=1)}
+PRESET_DEFAULTS = {"tiny": dict(batch_size=16, seq_len=256, lr=2e-3, grad_accum=1, batch_ramp=0),  # flags left unset
+                   "small": dict(batch_size=32, seq_len=1024, lr=1e-3, grad_accum=1, batch_ramp=0),
+                   # §4.2: 3072 -> 15360 sequences over 469B tokens, as 1 -> 5 micro-batches of 3072
+                   "deepseek-v3": dict(batch_size=3072, seq_len=4096, lr=2.2e-4, grad_accum=5, batch_ramp=469 * 10**9)}
 # --fp8 keeps float32 activations (FP8Matmul saves its input): the same tokens per step in two
 # micro-batches, so that `python train.py --fp8` on one 80 GB GPU fits (dry run: 43.7 GiB, not 77.7)
 FP8_DEFAULTS = {"small": dict(batch_size=16, grad_accum=2)}
 DEFAULT_MAX_STEPS = 900  # `python train.py`: minutes on a laptop CPU, not hours
+SCHEDULE_DEFAULTS = dict(decay_start=0.68, min_lr_frac=0.1)
+# The later stages' schedules (their flags' defaults): the report's LRs as shares of its
+# pre-training peak 2.2e-4, applied to the preset's peak
+REPORT_PEAK_LR = 2.2e-4
+STAGES = {"long context": dict(lr=7.3e-6, decay_start=1.0),  # §4.3: constant 7.3e-6 (then 1000 steps)
+          "sft": dict(lr=5e-6, decay_start=0.0, min_lr_frac=0.2, warmup_steps=0)}  # §5.1: cosine 5e-6 -> 1e-6
+SFT_EPOCHS = 2  # §5.1: --max-steps' default with --sft
 STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
                "pydoc_data"}  # pydoc_data: generated English prose in one huge string, not Python
 
@@ -422,6 +514,14 @@ def number(kind, low, high=math.inf, strict=False):
     return parse
 
 
+def token_count(s):
+    """A whole number, also written as 469e9."""
+    v = float(s)
+    if not math.isfinite(v) or v != int(v) or abs(v) > 2**62:
+        raise ValueError(s)
+    return int(v)
+
+
 positive_int, count, nonneg, fraction = number(int, 1), number(int, 0), number(float, 0), number(float, 0, 1)
 seed_number = number(int, 0, 2**64 - 1)  # what torch.manual_seed can hold
 thread_count = number(int, 1, os.cpu_count() or 1)  # OpenMP crashes far above the core count
@@ -433,16 +533,26 @@ def get_parser():
     add("--preset", help="model: tiny, small or deepseek-v3 (default: tiny on CPU, small on GPU)")
     add("--data", help="text file, folder (all text files below it) or glob (default: this Python's standard library)")
     add("--out", default="out", help="folder for the checkpoint and metrics.jsonl (default: out)")
-    add("--max-steps", type=positive_int, default=DEFAULT_MAX_STEPS, help="optimizer steps; the schedules span them (default: %(default)s)")
+    add("--max-steps", type=positive_int, help=f"optimizer steps; the schedules span them (default: {DEFAULT_MAX_STEPS}; "
+        f"with --sft {SFT_EPOCHS} epochs, §5.1)")
     add("--stop-at", type=positive_int, help="stop with a checkpoint after this step, schedule unchanged; continue with --resume")
     add("--batch-size", type=number(int, 1, 2**20), help="sequences per micro-batch, over all ranks together "
         "(torchrun splits it; default: per preset)")
     add("--seq-len", type=number(int, 1, 2**24), help="tokens (bytes) per sequence (default: per preset)")
-    add("--grad-accum", type=number(int, 1, 2**20), help="micro-batches per optimizer step (default: 1; 2 for small with --fp8)")
-    add("--lr", type=number(float, 0, 1e30, strict=True), help="peak learning rate (default: per preset)")
-    add("--min-lr-frac", type=fraction, default=0.1, help="final LR / peak LR (§4.2: 2.2e-5 / 2.2e-4; default: 0.1)")
-    add("--warmup-steps", type=count, help="linear warmup steps (default: 5%% of --max-steps)")
-    add("--decay-start", type=fraction, default=0.68, help="fraction of the steps after which the LR decays and λ drops (§4.2: 10T of 14.8T tokens; default: 0.68)")
+    add("--grad-accum", type=number(int, 1, 2**20), help="micro-batches per optimizer step (default: 1; 2 for small "
+        "with --fp8; 5 for deepseek-v3)")
+    add("--batch-ramp", type=number(token_count, 0), help="§4.2's batch-size ramp: over the first this many tokens the "
+        "sequences per step grow from --batch-start to --batch-size x --grad-accum, as whole micro-batches; LR and λ "
+        "stay scheduled by step (default: 469e9 for deepseek-v3, else 0: off)")
+    add("--batch-start", type=positive_int, help="sequences in the first step of --batch-ramp, a multiple of "
+        "--batch-size (default: a fifth of the final size, as 3072 of 15360 in §4.2)")
+    add("--lr", type=number(float, 0, 1e30, strict=True), help="peak learning rate (default: per preset; the later "
+        "stages take the report's, as a share of its peak 2.2e-4: 7.3e-6 with --rope-factor, 5e-6 with --sft)")
+    add("--min-lr-frac", type=fraction, help="final LR / peak LR (§4.2: 2.2e-5 / 2.2e-4; default: 0.1; "
+        "with --sft 0.2, §5.1: 1e-6 / 5e-6)")
+    add("--warmup-steps", type=count, help="linear warmup steps (default: 5%% of --max-steps; with --sft 0)")
+    add("--decay-start", type=fraction, help="fraction of the steps after which the LR decays and λ drops (§4.2: "
+        "10T of 14.8T tokens; default: 0.68; with --rope-factor 1: constant, §4.3; with --sft 0: all cosine, §5.1)")
     add("--weight-decay", type=fraction, default=0.1, help="AdamW weight decay of the matrices (§4.2; default: 0.1)")
     add("--mtp", type=number(int, 0, 16), help="multi-token prediction depth, 0 disables it (default: the preset's)")
     add("--mtp-weight", type=nonneg, default=0.3, help="MTP loss weight λ before --decay-start (§4.2; default: 0.3)")
@@ -461,6 +571,21 @@ def get_parser():
     add("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="autocast compute dtype; weights and AdamW stay float32 (default: bfloat16)")
     add("--compile", action="store_true", help="torch.compile the training forward")
     add("--fp8", action="store_true", help="FP8 block-quantized matmuls (§3.3)")
+    add("--init-from", metavar="DIR", help="start a new run (fresh optimizer, schedule and steps) from the weights "
+        "and architecture of the checkpoint in DIR: a train.py --out or a DeepSeek-V3-architecture folder (§4.3, §5.1)")
+    add("--rope-factor", type=number(float, 1, 10**6, strict=True), metavar="S", help="with --init-from: YaRN with "
+        "factor S over the length the checkpoint was trained at (§4.3: s = 40; β 32 / 1, √t = 0.1 ln S + 1), "
+        "to train at a --seq-len up to S times that")
+    add("--sft", metavar="FILE", help="with --init-from: supervised fine-tuning (§5.1) on FILE.jsonl, one "
+        '{"prompt": ..., "response": ...} object a line (other keys ignored, blank lines skipped): samples packed '
+        "into rows of --seq-len, each seeing only itself, the loss on the responses and their end token")
+    add("--sft-val", metavar="FILE", help="held-out SFT pairs for validation, each scored alone (§5.1; default: "
+        "FILE.val.jsonl beside --sft where it exists, else 2.5%% of --sft's samples by a hash of their prompt)")
+    add("--no-sample-mask", action="store_true", help="ablation of §5.1's sample mask: packed SFT samples see each "
+        "other and their positions run on, as pre-training's documents do (validation still scores each alone)")
+    add("--make-sft", metavar="FILE", help="write an SFT task (§5.1) and exit: from --data (default: the standard library) "
+        "each documented function whose sample fits --seq-len, prompt = its signature and docstring, response = its "
+        "body; the held-out files' pairs go to FILE.val.jsonl")
     add("--resume", action="store_true", help="continue the run saved in --out; flags not given keep the run's values")
     add("--overwrite", action="store_true", help="start afresh in an --out that holds another run's checkpoint, deleting it")
     add("--dry-run", action="store_true", help="print parameters, FLOPs and memory of the preset, build nothing")
@@ -473,22 +598,61 @@ NOT_SAVED = {"resume", "overwrite", "dry_run", "stop_at", "device"}  # about thi
 def parse_args(argv=None):
     parser = get_parser()
     a = parser.parse_args(argv)
+    if a.init_from and a.preset:
+        die(f"--init-from {a.init_from} brings its own architecture; drop --preset {a.preset}")
     if a.resume:  # argparse keeps attributes already in the namespace: the run's values become defaults
         saved = saved_args(os.path.join(a.out, "train_state.safetensors"), read_checkpoint(a.out, False)[0]["args"])
         a = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
+    check_stage_flags(a)
     a.device = pick_device(a.device)
-    a.preset = a.preset or ("small" if a.device.type == "cuda" else "tiny")
-    defaults = PRESET_DEFAULTS.get(a.preset, PRESET_DEFAULTS["tiny"])
-    for k, v in {**defaults, **(FP8_DEFAULTS.get(a.preset, {}) if a.fp8 else {})}.items():
+    preset = a.preset or ("small" if a.device.type == "cuda" else "tiny")  # --init-from: its defaults only
+    a.preset = None if a.init_from else preset
+    defaults = {**PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["tiny"]), **SCHEDULE_DEFAULTS,
+                **(FP8_DEFAULTS.get(preset, {}) if a.fp8 else {})}
+    stage = STAGES.get("sft" if a.sft else "long context" if a.rope_factor else None)
+    if stage:  # the report's LR as a share of its peak, on the preset's peak
+        defaults.update(stage, lr=defaults["lr"] * stage["lr"] / REPORT_PEAK_LR)
+    for k, v in defaults.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    a.max_steps = DEFAULT_MAX_STEPS if a.max_steps is None and not a.sft else a.max_steps  # --sft: load_sft
     a.warmup_steps = max(1, a.max_steps // 20) if a.warmup_steps is None else a.warmup_steps
+    check_batch_ramp(a)
     if a.bias_update_speed is not None and not BALANCE[a.balance][2]:
         die(f"--bias-update-speed sets the routing bias of --balance aux-free; --balance {a.balance} has none")
     overrides = {**({} if a.mtp is None else {"n_mtp": a.mtp}), **({"fp8": True} if a.fp8 else {}), **BALANCE[a.balance][1]}
+    if a.init_from:
+        return a, checkpoint_args(a, overrides)
     try:
         return a, ModelArgs.from_preset(a.preset, **overrides)
     except (ValueError, TypeError) as e:
         die(f"--preset {a.preset}: {e}")
+
+
+def check_stage_flags(a):
+    """The later stages' flags need a checkpoint to start from, and each other."""
+    for flag, value in (("--rope-factor", a.rope_factor), ("--sft", a.sft)):
+        if value and not a.init_from:
+            die(f"{flag} continues a trained model; add --init-from DIR (the --out of a pre-training run)")
+    if a.sft and a.data:
+        die(f"--sft {a.sft} trains on its own samples; drop --data {a.data}")
+    if (a.sft_val or a.no_sample_mask) and not a.sft:
+        die(f"{'--sft-val' if a.sft_val else '--no-sample-mask'} belongs to SFT; add --sft FILE")
+    if a.init_from and not a.resume and os.path.realpath(a.init_from) == os.path.realpath(a.out):
+        die(f"--out {a.out} is the --init-from checkpoint; a new run writes to its own --out")
+
+
+def check_batch_ramp(a):
+    """--batch-start: whole micro-batches of --batch-size, at most the final size (its default a
+    fifth of that, as 3072 of 15360 in §4.2)."""
+    final = a.batch_size * a.grad_accum
+    if not a.batch_ramp:
+        if a.batch_start:
+            die(f"--batch-start {a.batch_start} is where --batch-ramp starts; add --batch-ramp TOKENS")
+        return
+    a.batch_start = a.batch_start or max(1, final // 5 // a.batch_size) * a.batch_size
+    if a.batch_start % a.batch_size or a.batch_start > final:
+        die(f"--batch-start {a.batch_start} must be a multiple of --batch-size {a.batch_size} and at most the final "
+            f"--batch-size x --grad-accum = {final} sequences; the ramp adds whole micro-batches")
 
 
 def saved_args(path, args):
@@ -979,6 +1143,163 @@ def kept_metrics(path, step):
 
 
 # ----------------------------------------------------------------------------------------------
+# --init-from: a new run from a checkpoint's weights, with its architecture (§4.3, §5.1)
+def read_config(folder, flag):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder) or not regular(path):
+        what = "no config.json in it" if os.path.isdir(folder) else "no such folder"
+        die(f"{flag} {folder}: not a checkpoint ({what}); pass the --out of a train.py run or a folder in the "
+            "published DeepSeek-V3 layout")
+    try:
+        return ModelArgs.from_hf_config(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        die(f"{flag} {folder}: its config.json is not usable ({one_line(e)}); fix it or pass another checkpoint")
+
+
+def trained_length(folder, margs):
+    """The sequence length a checkpoint was trained at: a train.py run's --seq-len (its
+    train_state.json), else max_position_embeddings."""
+    try:
+        args = read_json(os.path.join(folder, "train_state.json")).get("args")
+    except CheckpointError:
+        args = None
+    seq = args.get("seq_len") if isinstance(args, dict) else None
+    return seq if type(seq) is int and 0 < seq <= margs.max_seq_len else margs.max_seq_len
+
+
+def checkpoint_args(a, overrides):
+    """--init-from's architecture (its config.json; a resumed run's own, in --out) with this run's
+    training switches (--fp8, --balance), and with --rope-factor S YaRN over the length the
+    checkpoint was trained at (§4.3), which the saved config.json carries as rope_scaling."""
+    folder, flag = (a.out, "--resume") if a.resume else (a.init_from, "--init-from")
+    margs = read_config(folder, flag)
+    if a.mtp is not None and a.mtp != margs.n_mtp:
+        die(f"--mtp {a.mtp}: {folder} has {margs.n_mtp} MTP modules (num_nextn_predict_layers); drop --mtp")
+    if margs.vocab_size < 256 + len(SPECIALS):
+        die(f"{flag} {folder}: a vocabulary of {margs.vocab_size} ids cannot hold the byte tokenizer's "
+            f"{256 + len(SPECIALS)}; start from a checkpoint of train.py or a larger vocabulary")
+    margs = replace(margs, **{k: v for k, v in overrides.items() if k != "n_mtp"})
+    if a.rope_factor:
+        trained = margs.original_seq_len if margs.rope_factor > 1 else trained_length(folder, margs)
+        if a.seq_len > a.rope_factor * trained:
+            die(f"--seq-len {a.seq_len} is beyond --rope-factor {a.rope_factor:g} x the {trained} positions {folder} "
+                f"was trained at; lower --seq-len to {int(a.rope_factor * trained)} or raise --rope-factor")
+        margs = replace(margs, rope_factor=a.rope_factor, original_seq_len=trained,
+                        max_seq_len=max(margs.max_seq_len, int(a.rope_factor * trained)))
+    return margs
+
+
+def init_weights(a, margs):
+    """--init-from's weights as a state dict on the CPU, read and checked before --out is touched."""
+    try:
+        init = Transformer.from_pretrained(a.init_from)
+    except CheckpointError as e:
+        die(f"--init-from {a.init_from}: {one_line(e)}")
+    if init.args.n_mtp < margs.n_mtp and not int(os.environ.get("RANK", "0")):
+        print(f"note: {a.init_from} holds no MTP layers; the MTP module starts from its initialisation")
+    return init.state_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT files (§5.1): the samples of --sft, and --make-sft's task from Python source
+def read_sft(path, seq_len, flag):
+    """One JSON object a line with string "prompt" and "response" (other keys ignored, blank lines
+    skipped) -> samples (ids, prompt length), ids = <|endoftext|> prompt response <|endoftext|>."""
+    if not regular(path):
+        die(f"{flag} {path}: {'not a regular file' if os.path.lexists(path) else 'no such file'}; pass a .jsonl "
+            "file (python train.py --make-sft FILE writes one)")
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as e:
+        die(f"{flag} {path}: cannot read it ({e.strerror}); fix its permissions")
+    samples, fix = [], 'write one {"prompt": "...", "response": "..."} object a line'
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("prompt", "response")):
+                die(f"{flag} {path} line {n} has no string \"prompt\" and \"response\"; {fix}")
+            prompt, response = encode(rec["prompt"]), encode(rec["response"])
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or a lone surrogate
+            die(f"{flag} {path} line {n} is not a JSON object of UTF-8 text; {fix}")
+        if len(prompt) >= seq_len:
+            die(f"{flag} {path} line {n}: a prompt of {len(prompt)} bytes leaves no room for its response in "
+                f"--seq-len {seq_len}; raise --seq-len or shorten the prompt")
+        samples.append((torch.tensor([EOT, *prompt, *response, EOT], dtype=torch.int16), len(prompt)))
+    if not samples:
+        die(f"{flag} {path} holds no samples; {fix}")
+    return samples
+
+
+def load_sft(a):
+    """--sft and its held-out pairs (--sft-val, or FILE.val.jsonl beside it, or 2.5% of its samples
+    by a hash of the prompt) -> (train, val); --max-steps defaults to SFT_EPOCHS epochs."""
+    train_set = read_sft(a.sft, a.seq_len, "--sft")
+    beside = (a.sft[:-len(".jsonl")] if a.sft.endswith(".jsonl") else a.sft) + ".val.jsonl"
+    a.sft_val = a.sft_val or (beside if os.path.exists(beside) else None)
+    if a.sft_val:
+        val = read_sft(a.sft_val, a.seq_len, "--sft-val")
+    else:  # with too few samples to hold one out, the last one is validated on too
+        held = [held_out(decode(ids[1:n + 1])) for ids, n in train_set]
+        val = [s for s, h in zip(train_set, held) if h] or train_set[-1:]
+        train_set = [s for s, h in zip(train_set, held) if not h] or train_set
+    if a.max_steps is None:
+        rows = len(pack_samples(train_set, a.seq_len)[0])
+        a.max_steps = max(1, math.ceil(SFT_EPOCHS * rows / (a.batch_size * a.grad_accum)))
+    return train_set, val
+
+
+def documented_functions(raw):
+    """(prompt, response, line) for each function in Python source `raw` with a docstring and code
+    after it: prompt = from `def` to the docstring's end, response = the rest, dedented to `def`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for an invalid escape
+            text = raw.decode("utf-8")
+            tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return
+    lines = text.splitlines(keepends=True)
+    for node in sorted((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))),
+                       key=lambda n: n.lineno):  # in file order
+        if len(node.body) < 2 or ast.get_docstring(node, clean=False) is None or \
+                node.body[1].lineno <= node.body[0].end_lineno:
+            continue
+        indent, fn = node.col_offset, lines[node.lineno - 1:node.end_lineno]
+        if any(line[:indent].strip() for line in fn):  # a line left of the def (inside a string)
+            continue
+        fn = [line[indent:] if line.strip() else line.lstrip(" \t") for line in fn]
+        k = node.body[0].end_lineno - node.lineno + 1
+        yield "".join(fn[:k]), "".join(fn[k:]), node.lineno
+
+
+def make_sft(a):
+    """--make-sft FILE: the pairs of documented_functions in --data whose sample fits --seq-len;
+    those of the files held out from pre-training (held_out, as load_documents splits) go to
+    FILE.val.jsonl, so that SFT is validated on functions the base model never saw."""
+    root, paths, _ = find_files(a.data)
+    pairs = {False: [], True: []}
+    for path, raw in read_texts(paths, []):
+        rel = os.path.relpath(path, root).replace(os.sep, "/")
+        pairs[held_out(rel)] += [json.dumps(dict(prompt=p, response=r, source=f"{rel}:{line}")) + "\n"
+                                 for p, r, line in documented_functions(raw) if 1 + len(encode(p + r)) <= a.seq_len]
+    if not pairs[False]:
+        die(f"--data {a.data or root}: no documented function fits --seq-len {a.seq_len}; raise --seq-len or point "
+            "--data at Python source")
+    val = (a.make_sft[:-len(".jsonl")] if a.make_sft.endswith(".jsonl") else a.make_sft) + ".val.jsonl"
+    try:
+        for path, lines in ((a.make_sft, pairs[False]), (val, pairs[True])):
+            if lines:
+                atomic_write(path, lambda p: Path(p).write_text("".join(lines), encoding="utf-8"))
+    except OSError as e:
+        die(f"--make-sft {a.make_sft}: cannot write it ({e.strerror}); choose a writable path")
+    print(f"{len(pairs[False]):,} pairs in {a.make_sft}, " + (f"{len(pairs[True]):,} held-out pairs in {val}" if
+          pairs[True] else "none held out (too few files; --sft holds out 2.5% of its samples)")
+          + f": documented functions of {root} that fit --seq-len {a.seq_len}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The run's files: resume point, metrics.jsonl, progress bar, checkpoints, failures
 class Run:
     """What the loop reads back and writes out. Rank 0 alone logs and saves; every rank resumes."""
@@ -995,16 +1316,19 @@ class Run:
             self.say(f"warning: the run used {state['threads']} CPU threads and this resume {threads}, so it is not "
                      f"bit-exact; set OMP_NUM_THREADS={state['threads']} for an exact resume")
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.tokens = tokens_before(self.step, a)  # what the batch-size ramp has reached
         self.saved_step = self.step if a.resume else None
         self.stop, self.tokens_per_step = min(a.stop_at or a.max_steps, a.max_steps), a.batch_size * a.seq_len * a.grad_accum
+        ramp = (f"{a.batch_start * a.seq_len:,} -> " if a.batch_ramp else "") + f"{self.tokens_per_step:,} tokens/step" \
+            + (f" over the first {human(a.batch_ramp)} tokens" if a.batch_ramp else "")
         args = {k: v for k, v in vars(a).items() if k not in NOT_SAVED}  # what the checkpoint carries
         self.state = dict(seed=a.seed, args=args, schedule={k: args[k] for k in (
             "max_steps", "warmup_steps", "decay_start", "lr", "min_lr_frac", "mtp_weight", "mtp_weight_late")},
             data=self.data, model=margs.to_dict(), param_names=param_names, threads=threads)
         self.metrics = self.open_metrics(kept_metrics(os.path.join(a.out, "metrics.jsonl"), self.step) if a.resume else [])
-        self.say(f"{a.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {a.device} "
-                 f"({a.dtype}); {len(train_docs)} train / {len(val_docs)} val files, {self.data['bytes'] / 1e6:.2f}M / "
-                 f"{sum(map(len, val_docs)) / 1e6:.2f}M bytes; {self.tokens_per_step:,} tokens/step; steps "
+        self.say(f"{a.preset or a.init_from}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on "
+                 f"{a.device} ({a.dtype}); {len(train_docs)} train / {len(val_docs)} val {'samples' if a.sft else 'files'}, "
+                 f"{self.data['bytes'] / 1e6:.2f}M / {sum(map(len, val_docs)) / 1e6:.2f}M bytes; {ramp}; steps "
                  f"{self.step} -> {self.stop}" + (f"; {world} data-parallel ranks" if world > 1 else "")
                  + f"; first checkpoint at step {min(self.stop, (self.step // a.save_interval + 1) * a.save_interval)}")
         self.times = []
@@ -1031,11 +1355,13 @@ class Run:
     def log(self, step, logs, batches):
         """After each step: the metrics line (and the validation line), the progress bar, and every
         --save-interval steps and at the end the checkpoint."""
-        self.step = step
-        self.times.append(logs["seconds"])
+        self.step, step_tokens = step, logs["batch_size"] * self.a.seq_len
+        self.tokens += step_tokens
+        self.times.append((logs["seconds"], step_tokens))
         rec = dict(step=step, **{k: logs[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "lr", "mtp_weight",
-                                                      "grad_norm")}, tokens_per_s=self.tokens_per_step / logs["seconds"],
-                   maxvio_mean=logs["maxvio_mean"], maxvio_max=logs["maxvio_max"], epoch=batches.epoch)
+                                                      "grad_norm")}, tokens_per_s=step_tokens / logs["seconds"],
+                   maxvio_mean=logs["maxvio_mean"], maxvio_max=logs["maxvio_max"], epoch=batches.epoch,
+                   batch_size=logs["batch_size"], tokens=self.tokens)
         if "val_loss" in logs:
             rec.update(val_loss=logs["val_loss"], val_bpb=logs["val_loss"] / math.log(2))
             self.pbar.write(f"step {step}: val loss {rec['val_loss']:.4f} nats/byte, {rec['val_bpb']:.4f} bits/byte",
@@ -1122,8 +1448,9 @@ class Run:
         self.pbar.close()
         if self.lead:
             steady = self.times[1:] or self.times  # the first step pays for warm-up (and compilation)
+            seconds, tokens = (sum(x) for x in zip(*steady))
             print(f"step {self.step}: val loss {self.last['val_loss']:.4f} nats/byte = {self.last['val_bpb']:.4f} "
-                  f"bits/byte, {self.tokens_per_step * len(steady) / sum(steady):,.0f} tokens/s; checkpoint in {self.a.out}/")
+                  f"bits/byte, {tokens / seconds:,.0f} tokens/s; checkpoint in {self.a.out}/")
 
 
 def claim_out(a):
@@ -1169,12 +1496,13 @@ GPU_BYTES = 81559 * 2**20  # an "80 GB" H100/H800/A100 as torch reports it (79.6
 GPU_RESERVE = 2 * 2**30    # the CUDA context, cuBLAS workspaces and allocator fragmentation
 
 
-def dry_run(a, margs):
+def dry_run(a, margs, sft=None):
     """Accounting from the shapes alone, so even the 671B preset costs nothing to inspect."""
     acc = accounting(margs, a.seq_len)
     flops, kv, tokens = acc["flops_per_token"], acc["kv_bytes_per_token"], a.batch_size * a.seq_len * a.grad_accum
     n = acc["params_total"] + acc["params_mtp"]  # training holds the MTP modules too
-    print(f"preset {a.preset} at seq_len {a.seq_len}")
+    print(f"preset {a.preset} at seq_len {a.seq_len}" if a.preset else
+          f"checkpoint {a.init_from} (its architecture) at seq_len {a.seq_len}")
     print(f"parameters  {human(acc['params_total'])} main model ({human(acc['params_active'])} active per token, "
           f"{human(acc['params_embedding'])} embedding) + {human(acc['params_mtp'])} MTP")
     print(f"compute     {flops:.4g} training FLOPs per token (6 x active params + attention)")
@@ -1209,12 +1537,44 @@ def dry_run(a, margs):
           + f"; {'fits' if fits else 'does NOT fit'} an 80 GB GPU ({human_bytes(GPU_BYTES)}, "
           f"{human_bytes(GPU_RESERVE)} kept for the CUDA context)")
     if a.preset == "deepseek-v3":  # what the lines above size, since no one device could run it
-        print("            (one device holding the whole model and the whole step as one micro-batch: a bound, not a "
-              "plan; the report spreads both over 2048 H800s with 16-way pipeline, 64-way expert and ZeRO-1 data "
-              "parallelism, §3.1-3.2)")
-    print(f"this run    {tokens:,} tokens/step x {a.max_steps} steps = {human(tokens * a.max_steps)} tokens, "
-          f"{flops * tokens * a.max_steps:.3g} FLOPs")
+        print(f"            (one device holding the whole model and a micro-batch of {a.batch_size} x {a.seq_len}: a "
+              "bound, not a plan; the report spreads both over 2048 H800s with 16-way pipeline, 64-way expert and "
+              "ZeRO-1 data parallelism, §3.1-3.2)")
+    dry_run_stages(a, margs, sft)
+    total = tokens_before(a.max_steps, a)
+    print(f"this run    " + (f"{a.batch_start * a.seq_len:,} -> " if a.batch_ramp else "") + f"{tokens:,} tokens/step "
+          f"x {a.max_steps} steps = {human(total)} tokens, {flops * total:.3g} FLOPs")
     return mem
+
+
+def ramp_steps(a):
+    """The steps micro_batches() gives fewer than --grad-accum micro-batches, level by level: k
+    micro-batches until the tokens reach ceil((k + 1 - first) / (grad_accum - first) x ramp)."""
+    first, steps, tokens = a.batch_start // a.batch_size, 0, 0
+    for k in range(first, a.grad_accum):
+        until = -(-(k + 1 - first) * a.batch_ramp // (a.grad_accum - first))
+        n = max(0, -(-(until - tokens) // (k * a.batch_size * a.seq_len)))
+        steps, tokens = steps + n, tokens + n * k * a.batch_size * a.seq_len
+    return steps
+
+
+def dry_run_stages(a, margs, sft):
+    """The batch-size ramp (§4.2), YaRN (§4.3) and SFT (§5.1) of this run, where it has them."""
+    if a.batch_ramp:
+        print(f"batch ramp  {a.batch_start:,} -> {a.batch_size * a.grad_accum:,} sequences a step over the first "
+              f"{human(a.batch_ramp)} tokens, in whole micro-batches of {a.batch_size:,} (§4.2); the full size "
+              f"from step {ramp_steps(a) + 1:,}")
+    if margs.rope_factor > 1:
+        m = 0.1 * margs.mscale_all_dim * math.log(margs.rope_factor) + 1
+        print(f"YaRN        factor {margs.rope_factor:g} over the {margs.original_seq_len:,} positions trained at: "
+              f"RoPE table {margs.max_seq_len:,}, beta {margs.beta_fast}/{margs.beta_slow}, sqrt(t) = 0.1 ln s + 1 "
+              f"= {m:.4f} (§4.3)")
+    if sft:
+        x, y, _ = pack_samples(sft[0], a.seq_len)
+        print(f"SFT         {len(sft[0]):,} samples ({len(sft[1]):,} held out) -> {len(x):,} rows of {a.seq_len} a "
+              f"epoch, {float((y >= 0).float().mean()):.1%} of the positions response targets; sample mask "
+              f"{'OFF (ablation)' if a.no_sample_mask else 'on'}; {a.max_steps} steps; LR {a.lr:.3g} cosine to "
+              f"{a.lr * a.min_lr_frac:.3g} (§5.1)")
 
 
 
@@ -1234,18 +1594,23 @@ def human_bytes(b):
 # main
 def main(argv=None):
     a, margs = parse_args(argv)
+    if a.make_sft:
+        return make_sft(a)
+    sft = load_sft(a) if a.sft else None  # read and checked before anything is written
     if a.dry_run:
-        return dry_run(a, margs)
+        return dry_run(a, margs, sft)
     launch_env()  # a leftover RANK or a partial torchrun environment: refused before anything
     if a.seq_len > margs.max_seq_len:
-        die(f"--seq-len {a.seq_len} exceeds the preset's max_seq_len {margs.max_seq_len}; lower --seq-len")
+        die(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {margs.max_seq_len}; lower --seq-len"
+            + (" or extend the context with --rope-factor" if a.init_from else ""))
     find_files(a.data)  # inputs before outputs: a missing --data is the error, not out/'s checkpoint
+    init = init_weights(a, margs) if a.init_from and not a.resume else None
     try:
         os.makedirs(a.out, exist_ok=True)
     except OSError as e:
         die(f"--out {a.out}: cannot write there ({e.strerror}); choose a writable folder with --out")
     with claim_out(a):  # held for the whole run
-        return train(a, margs)
+        return train(a, margs, init, sft)
 
 
 if __name__ == "__main__":
