@@ -16,10 +16,11 @@ Later stages, each a new run from a checkpoint:
 Part 1, the recipe (§4.1-4.3, §5.1), in the order a step meets it:
     the recipe table ...... each number of the report's training, and where it lives here
     byte tokenizer, FIM ... ids 0-255 are the bytes, then four specials; PSM at rate 0.1 (§4.1)
-    data .................. documents -> one shuffled stream per epoch -> packed rows -> batches;
-                            SFT samples -> rows with segment ids and the loss on responses (§5.1)
-    schedule, evaluation .. LR and MTP weight λ by step, batch size by tokens; validation loss
+    data .................. documents -> one shuffled stream per epoch -> packed rows -> batches
+    schedule, evaluation .. LR and MTP weight λ by step; validation loss
     train_step, train ..... one optimizer step (losses, clip, AdamW, bias update); the loop
+    the later stages ...... the batch size by tokens (§4.2); SFT samples packed into rows with
+                            segment ids and the loss on the responses (§5.1)
 Part 2, the harness: command line and presets, balancing modes, distributed helpers (the torchrun
     environment), signals and output streams, checks, checkpoints, --init-from and resume, SFT
     files, the run's files (metrics, progress, preemption, out/ lock), dry run, main.
@@ -198,34 +199,6 @@ def pack(stream, seq_len):
     return rows[:, :-1].clamp(min=0), rows[:, 1:]  # padding inputs: any id (their targets are -1)
 
 
-def pack_samples(samples, seq_len, rng=None):
-    """SFT (§5.1): samples (ids, prompt length), ids = <|endoftext|> prompt response <|endoftext|>,
-    packed whole into rows in shuffled order (a new row where the next one does not fit; one longer
-    than a row is cut) -> (inputs, targets, segment ids), each (N, seq_len). Targets are -1 on the
-    prompts and the padding: the loss covers the responses and their end tokens. Segment ids
-    count the samples of a row (the padding is one more), so that model(..., segment_ids) keeps
-    them "isolated and mutually invisible", each at the positions it has alone."""
-    order = list(range(len(samples)))
-    if rng is not None:
-        rng.shuffle(order)
-    rows, used = [], seq_len
-    for k in order:
-        ids, n_prompt = samples[k]
-        ids = ids[:seq_len + 1]
-        if used + len(ids) - 1 > seq_len:
-            rows.append([])
-            used = 0
-        targets = ids[1:].clone()
-        targets[:n_prompt] = -1
-        rows[-1].append((ids[:-1], targets, torch.full_like(targets, len(rows[-1]))))
-        used += len(targets)
-
-    def padded(row):  # inputs <|endoftext|> (any id), targets -1, a segment of its own
-        pad = torch.full((seq_len - sum(len(x) for x, _, _ in row),), EOT, dtype=torch.int16)
-        return [torch.cat(t) for t in zip(*row, (pad, torch.full_like(pad, -1), torch.full_like(pad, len(row))))]
-    return tuple(torch.stack(t) for t in zip(*map(padded, rows)))
-
-
 class Batches:
     """Training micro-batches: (inputs, targets), and the segment ids for SFT. Epoch e is a pure
     function of (seed, e), so the position (epoch, index of the next batch) is all that --resume
@@ -265,7 +238,7 @@ def val_batches(docs, seq_len, batch_size, n_batches, sft=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# The schedules: LR and λ by step, the batch size by tokens
+# The schedule: LR and λ by step
 def schedule(step, a):
     """(lr, MTP weight λ) for 0-based `step`, §4.2 in shape: linear warmup, constant, then from
     decay_start a cosine decay to min_lr_frac * lr at the last step, while λ drops 0.3 -> 0.1.
@@ -275,25 +248,6 @@ def schedule(step, a):
         return a.lr * min(1.0, (step + 1) / max(1, a.warmup_steps)), a.mtp_weight
     t = min(1.0, (step - decay_start) / max(1, a.max_steps - decay_start))
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))), a.mtp_weight_late
-
-
-def micro_batches(tokens, a):
-    """Micro-batches of --batch-size in the step after `tokens` tokens (§4.2: "the batch size is
-    gradually increased from 3072 to 15360 in the training of the first 469B tokens, and then keeps
-    15360"): the step's sequences grow linearly in tokens from --batch-start to batch_size x
-    grad_accum over the first --batch-ramp tokens, rounded down to whole micro-batches."""
-    if not a.batch_ramp or tokens >= a.batch_ramp:
-        return a.grad_accum
-    first = a.batch_start // a.batch_size
-    return first + (a.grad_accum - first) * tokens // a.batch_ramp
-
-
-def tokens_before(step, a):
-    """Tokens trained on in steps 0..step-1 (all ranks together)."""
-    tokens = 0
-    for _ in range(step):
-        tokens += micro_batches(tokens, a) * a.batch_size * a.seq_len
-    return tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,6 +364,55 @@ def train(a, margs, init=None, sft=None):
                                  temperature=0.8, top_p=0.95, stop_tokens=(EOT,) if sft else ())
         print(f"sample (temperature 0.8, top-p 0.95):\n{decode(ids[0, 1 if sft else 0:].tolist())}")
     leave_distributed(world)
+
+
+# ----------------------------------------------------------------------------------------------
+# The later stages: the batch-size ramp (§4.2) and SFT's packed samples (§5.1)
+def micro_batches(tokens, a):
+    """Micro-batches of --batch-size in the step after `tokens` tokens (§4.2: "the batch size is
+    gradually increased from 3072 to 15360 in the training of the first 469B tokens, and then keeps
+    15360"): the step's sequences grow linearly in tokens from --batch-start to batch_size x
+    grad_accum over the first --batch-ramp tokens, rounded down to whole micro-batches."""
+    if not a.batch_ramp or tokens >= a.batch_ramp:
+        return a.grad_accum
+    first = a.batch_start // a.batch_size
+    return first + (a.grad_accum - first) * tokens // a.batch_ramp
+
+
+def tokens_before(step, a):
+    """Tokens trained on in steps 0..step-1 (all ranks together)."""
+    tokens = 0
+    for _ in range(step):
+        tokens += micro_batches(tokens, a) * a.batch_size * a.seq_len
+    return tokens
+
+
+def pack_samples(samples, seq_len, rng=None):
+    """SFT (§5.1): samples (ids, prompt length), ids = <|endoftext|> prompt response <|endoftext|>,
+    packed whole into rows in shuffled order (a new row where the next one does not fit; one longer
+    than a row is cut) -> (inputs, targets, segment ids), each (N, seq_len). Targets are -1 on the
+    prompts and the padding: the loss covers the responses and their end tokens. Segment ids
+    count the samples of a row (the padding is one more), so that model(..., segment_ids) keeps
+    them "isolated and mutually invisible", each at the positions it has alone."""
+    order = list(range(len(samples)))
+    if rng is not None:
+        rng.shuffle(order)
+    rows, used = [], seq_len
+    for k in order:
+        ids, n_prompt = samples[k]
+        ids = ids[:seq_len + 1]
+        if used + len(ids) - 1 > seq_len:
+            rows.append([])
+            used = 0
+        targets = ids[1:].clone()
+        targets[:n_prompt] = -1
+        rows[-1].append((ids[:-1], targets, torch.full_like(targets, len(rows[-1]))))
+        used += len(targets)
+
+    def padded(row):  # inputs <|endoftext|> (any id), targets -1, a segment of its own
+        pad = torch.full((seq_len - sum(len(x) for x, _, _ in row),), EOT, dtype=torch.int16)
+        return [torch.cat(t) for t in zip(*row, (pad, torch.full_like(pad, -1), torch.full_like(pad, len(row))))]
+    return tuple(torch.stack(t) for t in zip(*map(padded, rows)))
 
 
 # ==============================================================================================
