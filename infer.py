@@ -52,7 +52,8 @@ from typing import Callable
 
 def exit_quietly_on_signals():
     """Ctrl-C, SIGTERM or SIGHUP while torch loads: one line, no traceback, exit 128 + the signal's
-    number (until __main__ installs KeyboardInterrupt and Terminated)."""
+    number (until __main__ installs KeyboardInterrupt and Terminated). train.py's twin: it must run
+    before `import torch`, and importing train.py imports torch."""
     def leave(signum, frame):
         with contextlib.suppress(OSError):
             os.write(2, f"error: {'interrupted' if signum == signal.SIGINT else 'terminated'} while starting\n".encode())
