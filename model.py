@@ -565,6 +565,10 @@ class Transformer(nn.Module):
             freqs, mask = self.freqs_cis[pos], None
         else:
             raise ValueError("segment_ids apply to a forward over whole rows, not to cached decoding")
+        return self.blocks(tokens, freqs, mask, pos, kv_len)
+
+    def blocks(self, tokens, freqs, mask=None, pos=None, kv_len=None):
+        """The embedding, every Block, the final RMSNorm, with the rotations and mask given."""
         h = self.embed(tokens)
         for layer in self.layers:
             h = layer(h, freqs, pos, kv_len, mask)
@@ -580,14 +584,14 @@ class Transformer(nn.Module):
         counts each packed row as one sequence (the routing of every token is unchanged)."""
         for m in self.moe_layers():
             m.balance_loss = None  # only the layers this call runs report one
-        h = self.trunk(tokens, segment_ids=segment_ids)
+        freqs, mask = self.attention_inputs(tokens, segment_ids)  # for the trunk and the MTP modules
+        h = self.blocks(tokens, freqs, mask)
         logits = self.head(h)
         if targets is None:
             return logits
         ce = lambda lg, tg: F.cross_entropy(lg.float().flatten(0, 1), tg.flatten(), ignore_index=-1)
         losses = {"ce": ce(logits, targets)}
         mtp, T = [], tokens.size(1)
-        freqs, mask = self.attention_inputs(tokens, segment_ids)
         for k, module in enumerate(self.mtp, start=1):
             if T <= k:
                 break

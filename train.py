@@ -70,8 +70,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import (CheckpointError, ModelArgs, Transformer, accounting, atomic_write, memory_shortfall, read_json,
-                   remove_stale_temporaries, training_memory)
+from model import (CheckpointError, ModelArgs, Transformer, accounting, atomic_write, memory_shortfall, read_file,
+                   read_json, remove_stale_temporaries, training_memory)
 
 # ==============================================================================================
 # Part 1: the recipe
@@ -1153,9 +1153,11 @@ def read_config(folder, flag):
         what = "no config.json in it" if os.path.isdir(folder) else "no such folder"
         die(f"{flag} {folder}: not a checkpoint ({what}); pass the --out of a train.py run or a folder in the "
             "published DeepSeek-V3 layout")
-    try:
-        return ModelArgs.from_hf_config(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError, RecursionError) as e:
+    try:  # model.read_file: a regular file of bounded size, as every checkpoint file is read
+        return ModelArgs.from_hf_config(json.loads(read_file(path, fix="fix it or pass another checkpoint")))
+    except CheckpointError as e:
+        die(f"{flag} {folder}: {one_line(e)}")
+    except (ValueError, TypeError, RecursionError) as e:
         die(f"{flag} {folder}: its config.json is not usable ({one_line(e)}); fix it or pass another checkpoint")
 
 
@@ -1198,7 +1200,7 @@ def init_weights(a, margs):
         init = Transformer.from_pretrained(a.init_from)
     except CheckpointError as e:
         die(f"--init-from {a.init_from}: {one_line(e)}")
-    if init.args.n_mtp < margs.n_mtp and not int(os.environ.get("RANK", "0")):
+    if init.args.n_mtp < margs.n_mtp and launch_env()[0] == 0:
         print(f"note: {a.init_from} holds no MTP layers; the MTP module starts from its initialisation")
     return init.state_dict()
 
@@ -1235,11 +1237,16 @@ def read_sft(path, seq_len, flag):
     return samples
 
 
+def held_out_file(path):
+    """FILE.jsonl -> FILE.val.jsonl: where --make-sft writes, and --sft finds, the held-out pairs."""
+    return (path[:-len(".jsonl")] if path.endswith(".jsonl") else path) + ".val.jsonl"
+
+
 def load_sft(a):
     """--sft and its held-out pairs (--sft-val, or FILE.val.jsonl beside it, or 2.5% of its samples
     by a hash of the prompt) -> (train, val); --max-steps defaults to SFT_EPOCHS epochs."""
     train_set = read_sft(a.sft, a.seq_len, "--sft")
-    beside = (a.sft[:-len(".jsonl")] if a.sft.endswith(".jsonl") else a.sft) + ".val.jsonl"
+    beside = held_out_file(a.sft)
     a.sft_val = a.sft_val or (beside if os.path.exists(beside) else None)
     if a.sft_val:
         val = read_sft(a.sft_val, a.seq_len, "--sft-val")
@@ -1290,7 +1297,7 @@ def make_sft(a):
     if not pairs[False]:
         die(f"--data {a.data or root}: no documented function fits --seq-len {a.seq_len}; raise --seq-len or point "
             "--data at Python source")
-    val = (a.make_sft[:-len(".jsonl")] if a.make_sft.endswith(".jsonl") else a.make_sft) + ".val.jsonl"
+    val = held_out_file(a.make_sft)
     try:
         for path, lines in ((a.make_sft, pairs[False]), (val, pairs[True])):
             if lines:
@@ -1578,7 +1585,6 @@ def dry_run_stages(a, margs, sft):
               f"epoch, {float((y >= 0).float().mean()):.1%} of the positions response targets; sample mask "
               f"{'OFF (ablation)' if a.no_sample_mask else 'on'}; {a.max_steps} steps; LR {a.lr:.3g} cosine to "
               f"{a.lr * a.min_lr_frac:.3g} (§5.1)")
-
 
 
 def human(x, k=1000, units=("", "K", "M", "B", "T")):
